@@ -1,0 +1,1 @@
+"""minisd: Stable Diffusion from scratch."""
