@@ -6,7 +6,9 @@
 
 The stand-in is a small frozen random conv net with a time embedding (about the per-call cost of a
 tiny U-Net); what matters is the ratio between samplers, which is set by the NFE each one makes.
-``--checkpoint`` is reserved for a trained course U-Net and is not wired up yet.
+``--checkpoint`` times a trained course U-Net instead, e.g. the shipped pixel DDPM:
+
+    python benchmarks/sampler_speed.py --checkpoint assets/checkpoints/ddpm_glyphs.safetensors --steps 50
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from minisd.config import get_device
+from minisd.nn import UNet
 from minisd.samplers import SAMPLERS, count_model_evaluations, sample
 from minisd.schedules import NoiseSchedule
 
@@ -69,18 +72,21 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per sampler; the best is shown")
-    parser.add_argument("--checkpoint", help="a trained course U-Net (not supported yet)")
+    parser.add_argument("--checkpoint", help="a trained course U-Net (safetensors with its config in the header)")
     args = parser.parse_args()
-    if args.checkpoint:
-        parser.error("--checkpoint is not wired up yet: run without it to time the stand-in model.")
 
     device = get_device()
     torch.manual_seed(0)
-    model = StandInModel(args.channels).to(device).eval()
-    schedule = NoiseSchedule.stable_diffusion()
+    if args.checkpoint:
+        model = UNet.from_pretrained(args.checkpoint, device=device)
+        args.channels, args.image_size = model.config.in_channels, model.config.sample_size
+        schedule, name = NoiseSchedule(), args.checkpoint  # the course's pixel DDPM uses DDPM's linear schedule
+    else:
+        model = StandInModel(args.channels).to(device).eval()
+        schedule, name = NoiseSchedule.stable_diffusion(), "stand-in model"
     shape = (args.batch_size, args.channels, args.image_size, args.image_size)
     params = sum(p.numel() for p in model.parameters())
-    print(f"device {device}, threads {torch.get_num_threads()}, stand-in model {params / 1e3:.0f}k params, "
+    print(f"device {device}, threads {torch.get_num_threads()}, {name} ({params / 1e3:.0f}k params), "
           f"batch {shape}, {args.steps} steps")
     print(f"{'sampler':16s} {'NFE':>5s} {'s/batch':>9s} {'images/s':>9s} {'ms/NFE':>8s}")
     for sampler in args.samplers:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -21,6 +22,8 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 T = TypeVar("T")
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # shipped checkpoints, figures, sample images
 
 
 def get_device() -> torch.device:
@@ -78,3 +81,11 @@ def describe() -> str:
         where += f" ({torch.cuda.get_device_name(device)})"
     mode = "fast" if is_fast() else "full"
     return f"device: {where} | mode: {mode} | torch {torch.__version__} | CPU threads: {torch.get_num_threads()}"
+
+
+def asset_path(*parts: str) -> Path:
+    """Path of a file shipped in ``assets/``, e.g. ``asset_path("checkpoints", "ddpm_glyphs.safetensors")``."""
+    path = ASSETS.joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is not in assets/; this course ships: {sorted(p.name for p in ASSETS.rglob('*') if p.is_file())}.")
+    return path

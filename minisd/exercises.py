@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import diffusion, schedules
+from . import diffusion, samplers, schedules
+from .nn import embeddings
 from .schedules import NoiseSchedule
 
 
@@ -76,6 +77,16 @@ def _compare(name: str, case: Case, expected: torch.Tensor, got: Any, atol: floa
     )
 
 
+def _fresh(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The same inputs with every torch.Generator restarted, so each call draws the same numbers."""
+    fresh = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Generator):
+            value = torch.Generator(value.device).set_state(value.get_state())
+        fresh[key] = value
+    return fresh
+
+
 def check(
     name: str,
     fn: Callable,
@@ -86,9 +97,9 @@ def check(
 ) -> Callable:
     """Compare ``fn`` with ``reference`` on every case; see the module docstring for the outcomes."""
     for case in cases:
-        expected = reference(**case.kwargs)
+        expected = reference(**_fresh(case.kwargs))
         try:
-            got = fn(**case.kwargs)
+            got = fn(**_fresh(case.kwargs))
         except NotImplementedError:
             print(f"📝 `{name}` is not written yet: using minisd's reference so the lesson can go on.")
             return reference
@@ -162,3 +173,96 @@ def check_leading_timesteps(fn: Callable) -> Callable:
         for n, off in [(15, 1), (30, 1), (50, 0), (7, 1)]
     ]
     return check("leading_timesteps", fn, _reference_leading_timesteps, cases, atol=0, rtol=0)
+
+
+# --- Lesson 03: pixel-space DDPM ----------------------------------------------------------------
+
+
+def _reference_timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    return embeddings.timestep_embedding(timesteps, dim)
+
+
+def check_timestep_embedding(fn: Callable) -> Callable:
+    """Check ``fn(timesteps, dim)``: SD's sinusoidal embedding, cosines first (flip_sin_to_cos)."""
+    cases = [
+        Case({"timesteps": torch.tensor([0, 1, 10, 500, 999]), "dim": 32}, "five timesteps"),
+        Case({"timesteps": torch.tensor([3, 700]), "dim": 8}, "narrow"),
+    ]
+    # sin/cos of angles up to 999 rad: float32 rounding of the angle alone is ~1e-4
+    return check("timestep_embedding", fn, _reference_timestep_embedding, cases, atol=2e-4, rtol=0)
+
+
+def _toy_eps_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A fixed stand-in for ε_θ: any deterministic function of (x_t, t) will do for checking a loss."""
+    return 0.5 * torch.tanh(x_t) + (t.float() / 1000).reshape(-1, 1, 1, 1)
+
+
+def _reference_ddpm_loss(model: Callable, schedule: NoiseSchedule, x0: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    return diffusion.ddpm_loss(model, schedule, x0, generator)
+
+
+def check_ddpm_loss(fn: Callable) -> Callable:
+    """Check ``fn(model, schedule, x0, generator)``: L_simple (DDPM eq. 14), t drawn before ε."""
+    x0 = _randn(8, 1, 8, 8, seed=5).clamp(-1, 1)
+    cases = [
+        Case({"model": _toy_eps_model, "schedule": NoiseSchedule(), "x0": x0,
+              "generator": torch.Generator().manual_seed(seed)}, f"seed {seed}")
+        for seed in (0, 1)
+    ]
+    return check("ddpm_loss", fn, _reference_ddpm_loss, cases)
+
+
+def _reference_ddpm_step(schedule: NoiseSchedule, eps_pred: torch.Tensor, x_t: torch.Tensor, t: int,
+                         noise: torch.Tensor) -> torch.Tensor:
+    return samplers.ddpm_step(schedule, eps_pred, x_t, t, t - 1, noise=noise)
+
+
+def check_ddpm_step(fn: Callable) -> Callable:
+    """Check ``fn(schedule, eps_pred, x_t, t, noise)``: one ancestral step t -> t-1 (DDPM eq. 11)."""
+    x_t, eps, z = _randn(2, 1, 8, 8, seed=6), _randn(2, 1, 8, 8, seed=7), _randn(2, 1, 8, 8, seed=8)
+    cases = [Case({"schedule": NoiseSchedule(), "eps_pred": eps, "x_t": x_t, "t": t, "noise": z}, f"t={t}")
+             for t in (999, 500, 1, 0)]
+    return check("ddpm_step", fn, _reference_ddpm_step, cases, atol=1e-4, rtol=1e-4)
+
+
+# --- Lesson 04: samplers ------------------------------------------------------------------------
+
+
+def _reference_ddim_step(schedule: NoiseSchedule, eps_pred: torch.Tensor, x_t: torch.Tensor, t: int,
+                         t_prev: int) -> torch.Tensor:
+    return samplers.ddim_step(schedule, eps_pred, x_t, t, t_prev)  # η = 0: the deterministic step
+
+
+def check_ddim_step(fn: Callable) -> Callable:
+    """Check ``fn(schedule, eps_pred, x_t, t, t_prev)``: one deterministic DDIM step (eq. 12, η = 0)."""
+    x_t, eps = _randn(2, 1, 8, 8, seed=9), _randn(2, 1, 8, 8, seed=10)
+    cases = [
+        Case({"schedule": schedule, "eps_pred": eps, "x_t": x_t, "t": t, "t_prev": t_prev}, label)
+        for schedule, t, t_prev, label in [
+            (NoiseSchedule(), 999, 979, "linear, first of 50 steps"),
+            (NoiseSchedule(), 500, 300, "linear, a long jump"),
+            (NoiseSchedule(), 19, 0, "linear, the last step"),
+            (NoiseSchedule.stable_diffusion(), 701, 681, "SD schedule"),
+            (NoiseSchedule(), 20, 40, "uphill, as inversion uses it"),
+        ]
+    ]
+    return check("ddim_step", fn, _reference_ddim_step, cases, atol=1e-4, rtol=1e-4)
+
+
+def _reference_euler_step(x: torch.Tensor, eps_pred: torch.Tensor, sigma: float | torch.Tensor,
+                          sigma_next: float | torch.Tensor) -> torch.Tensor:
+    return samplers.euler_step(x, eps_pred, sigma, sigma_next)
+
+
+def check_euler_step(fn: Callable) -> Callable:
+    """Check ``fn(x, eps_pred, sigma, sigma_next)``: one Euler step of dx̄/dσ = ε̂ (Karras et al. 2022)."""
+    x, eps = _randn(2, 1, 8, 8, seed=11), _randn(2, 1, 8, 8, seed=12)
+    cases = [
+        Case({"x": x * (1 + sigma**2) ** 0.5, "eps_pred": eps, "sigma": sigma, "sigma_next": sigma_next}, label)
+        for sigma, sigma_next, label in [(157.0, 131.0, "high noise"), (1.0, 0.8, "sigma near 1"),
+                                         (0.08, 0.0, "the last step, to sigma = 0")]
+    ]
+    cases.append(Case({"x": x, "eps_pred": eps, "sigma": torch.tensor(3.0), "sigma_next": torch.tensor(2.5)},
+                      "sigmas as 0-dim tensors"))
+    return check("euler_step", fn, _reference_euler_step, cases, atol=1e-4, rtol=1e-5)

@@ -78,3 +78,114 @@ def test_missing_return_and_errors_in_learner_code_are_explained():
         learner_leading(num_inference_steps, num_train_timesteps, 0))
     with pytest.raises(ExerciseError, match="expected 925, got 924"):
         exercises.check_leading_timesteps(off_by_one)
+
+
+# --- Lesson 03 -----------------------------------------------------------------------------------
+
+
+def test_lesson03_checks_accept_the_papers_forms_and_reject_common_slips():
+    import math
+
+    def embedding(timesteps, dim):
+        angles = timesteps[:, None].float() * torch.exp(-math.log(10_000) * torch.arange(dim // 2) / (dim // 2))
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+    def sines_first(timesteps, dim):
+        return embedding(timesteps, dim).roll(dim // 2, dims=-1)
+
+    assert exercises.check_timestep_embedding(embedding) is embedding
+    with pytest.raises(ExerciseError, match="timestep_embedding"):
+        exercises.check_timestep_embedding(sines_first)
+
+    def loss(model, schedule, x0, generator=None):
+        t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        return torch.nn.functional.mse_loss(model(schedule.add_noise(x0, noise, t), t), noise)
+
+    def noise_first(model, schedule, x0, generator=None):  # same maths, other draw order
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
+        return torch.nn.functional.mse_loss(model(schedule.add_noise(x0, noise, t), t), noise)
+
+    assert exercises.check_ddpm_loss(loss) is loss
+    with pytest.raises(ExerciseError, match="ddpm_loss"):
+        exercises.check_ddpm_loss(noise_first)
+
+    def step(schedule, eps_pred, x_t, t, noise):  # DDPM eq. 11 with σ_t² = β̃_t
+        beta_t, alpha_bar_t = schedule.betas[t], schedule.alphas_cumprod[t]
+        alpha_bar_prev = schedule.alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0)
+        mean = (x_t - beta_t / (1 - alpha_bar_t).sqrt() * eps_pred) / (1 - beta_t).sqrt()
+        return mean + ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).sqrt() * noise
+
+    def beta_variance(schedule, eps_pred, x_t, t, noise):  # σ_t² = β_t: the other choice in the paper
+        beta_t, alpha_bar_t = schedule.betas[t], schedule.alphas_cumprod[t]
+        return (x_t - beta_t / (1 - alpha_bar_t).sqrt() * eps_pred) / (1 - beta_t).sqrt() + beta_t.sqrt() * noise
+
+    assert exercises.check_ddpm_step(step) is step
+    with pytest.raises(ExerciseError, match="ddpm_step"):
+        exercises.check_ddpm_step(beta_variance)
+
+
+@pytest.mark.parametrize("check", [exercises.check_timestep_embedding, exercises.check_ddpm_loss, exercises.check_ddpm_step])
+def test_lesson03_stubs_fall_back(check, capsys):
+    reference = check(stub)
+    assert reference is not stub and "not written yet" in capsys.readouterr().out
+
+
+# --- Lesson 04: samplers ------------------------------------------------------------------------
+
+
+def learner_ddim_step(schedule, eps_pred, x_t, t, t_prev):
+    alpha_bar_t, alpha_bar_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t_prev]
+    x0_pred = (x_t - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()
+    return alpha_bar_prev.sqrt() * x0_pred + (1 - alpha_bar_prev).sqrt() * eps_pred
+
+
+def learner_euler_step(x, eps_pred, sigma, sigma_next):
+    return x + (sigma_next - sigma) * eps_pred
+
+
+def test_lesson04_right_answers_are_returned_and_confirmed(capsys):
+    assert exercises.check_ddim_step(learner_ddim_step) is learner_ddim_step
+    assert exercises.check_euler_step(learner_euler_step) is learner_euler_step
+    assert capsys.readouterr().out.count("✅") == 2
+
+
+@pytest.mark.parametrize("check", [exercises.check_ddim_step, exercises.check_euler_step])
+def test_lesson04_a_stub_hands_back_a_working_reference(check, capsys):
+    reference = check(stub)
+    assert reference is not stub
+    assert "not written yet" in capsys.readouterr().out
+    assert check(reference) is reference
+
+
+def test_lesson04_the_fallbacks_take_the_lessons_calls():
+    # Lesson 04 calls ddim_step(schedule, eps, x, t, t_prev) and euler_step(x, eps, sigma, sigma_next).
+    from minisd import samplers
+    from minisd.schedules import NoiseSchedule
+
+    schedule, x, eps = NoiseSchedule(), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    ddim = exercises.check_ddim_step(stub)
+    assert torch.equal(ddim(schedule, eps, x, 999, 979), samplers.ddim_step(schedule, eps, x, 999, 979))
+    sigmas = samplers.inference_sigmas(schedule, schedule.inference_timesteps(10, "trailing"))
+    euler = exercises.check_euler_step(stub)
+    assert torch.allclose(euler(x, eps, sigmas[0], sigmas[1]), learner_euler_step(x, eps, sigmas[0], sigmas[1]), atol=1e-4)
+
+
+def test_lesson04_wrong_answers_say_where_and_what():
+    def forgot_sqrt(schedule, eps_pred, x_t, t, t_prev):
+        alpha_bar_t, alpha_bar_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t_prev]
+        x0_pred = (x_t - (1 - alpha_bar_t) * eps_pred) / alpha_bar_t
+        return alpha_bar_prev * x0_pred + (1 - alpha_bar_prev) * eps_pred
+
+    with pytest.raises(ExerciseError) as error:
+        exercises.check_ddim_step(forgot_sqrt)
+    message = str(error.value)
+    for words in ["`ddim_step`", "wrong values", "expected", "got", "t=999", "t_prev=979"]:
+        assert words in message, message
+
+    def wrong_direction(x, eps_pred, sigma, sigma_next):
+        return x + (sigma - sigma_next) * eps_pred
+
+    with pytest.raises(ExerciseError, match="`euler_step` on input high noise"):
+        exercises.check_euler_step(wrong_direction)

@@ -8,16 +8,10 @@ from minisd.nn import (
     count_parameters, timestep_embedding,
 )
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402, F401  (a test extra: the parity tests below need it)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one thread avoids OpenMP's waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 TINY = UNetConfig(
     in_channels=1, out_channels=1, sample_size=16, block_out_channels=(16, 32, 32), layers_per_block=2,

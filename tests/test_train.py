@@ -17,14 +17,8 @@ from minisd.train import (
 
 matplotlib.use("Agg")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one thread avoids OpenMP's waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 TINY_UNET = UNetConfig(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, attention=(False, True),
                        attention_head_dim=8, norm_num_groups=4)

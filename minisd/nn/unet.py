@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -143,6 +145,20 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=c.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(widths[0], c.out_channels, kernel_size=3, padding=1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None) -> "UNet":
+        """Build a U-Net from a shipped safetensors file: config from its header, then the weights.
+
+        A file whose tensors do not fit the config raises a ValueError naming the keys.
+        """
+        from ..train import load_weights, read_metadata  # train does not import models: no cycle
+
+        meta = read_metadata(path)
+        if not meta.get("model_config"):
+            raise ValueError(f"{path} has no model_config in its header; was it written by minisd.train.save_weights?")
+        model = load_weights(cls(UNetConfig.from_dict(meta["model_config"])), path)
+        return model.to(device or "cpu").eval()
 
     @property
     def num_parameters(self) -> int:
