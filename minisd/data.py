@@ -331,3 +331,28 @@ def photo_patches(n: int, size: int = 32, seed: int = 0,
         top, left = rng.integers(H - side + 1), rng.integers(W - side + 1)
         patches[i] = _resize(_to_tensor(pixels[top:top + side, left:left + side]), size)
     return patches
+
+
+# ----------------------------------------------------------------------------- autoencoder data
+
+HELD_OUT_PHOTOS = ("coffee", "rocket")  # never shown to the course's autoencoders: test generalisation
+TRAIN_PHOTOS = tuple(name for name in PHOTOS if name not in HELD_OUT_PHOTOS)
+
+
+def autoencoder_images(n: int, size: int = 32, seed: int = 0, photo_fraction: float = 0.5,
+                       photos: tuple[str, ...] = TRAIN_PHOTOS) -> torch.Tensor:
+    """What the course's VAEs learn to compress: RGB glyphs and photo patches, shuffled, (n, 3, size, size).
+
+    round(n · photo_fraction) patches come from ``photo_patches(…, names=photos)``, the rest from
+    ``GlyphDataset(…, seed=seed)``; the default photos leave out HELD_OUT_PHOTOS.
+    """
+    _check_at_least("n", n, 1)
+    if not 0.0 <= photo_fraction <= 1.0:
+        raise ValueError(f"photo_fraction={photo_fraction} must be in [0, 1].")
+    n_photos = round(n * photo_fraction)
+    parts = [photo_patches(n_photos, size, seed=seed, names=photos)] if n_photos else []
+    if n - n_photos:
+        parts.append(GlyphDataset(n - n_photos, size, seed=seed).images)
+    images = torch.cat(parts)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return images[order]

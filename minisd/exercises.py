@@ -261,3 +261,81 @@ def check_euler_step(fn: Callable) -> Callable:
     cases.append(Case({"x": x, "eps_pred": eps, "sigma": torch.tensor(3.0), "sigma_next": torch.tensor(2.5)},
                       "sigmas as 0-dim tensors"))
     return check("euler_step", fn, samplers.euler_step, cases, atol=1e-4, rtol=1e-5)
+
+
+# --- Lesson 05: the VAE -------------------------------------------------------------------------
+
+
+def _reference_reparameterize(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+def check_reparameterize(fn: Callable) -> Callable:
+    """Check ``fn(mean, logvar, noise)``: z = μ + σ ε with σ = exp(½ log σ²) (Kingma & Welling 2014, eq. 10)."""
+    mean, noise = _randn(2, 4, 3, 3, seed=13), _randn(2, 4, 3, 3, seed=14)
+    cases = [Case({"mean": mean, "logvar": logvar, "noise": noise}, label)
+             for logvar, label in [(torch.zeros(2, 4, 3, 3), "log σ² = 0 (σ = 1)"),
+                                   (torch.full((2, 4, 3, 3), -4.0), "log σ² = -4 (σ = e⁻²)"),
+                                   (_randn(2, 4, 3, 3, seed=15), "random log σ²")]]
+    return check("reparameterize", fn, _reference_reparameterize, cases)
+
+
+def _reference_kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+def check_kl_divergence(fn: Callable) -> Callable:
+    """Check ``fn(mean, logvar)``: KL(N(μ, σ²) ‖ N(0, 1)) summed over each image's latents, shape (B,)."""
+    cases = [Case({"mean": torch.zeros(2, 4, 2, 2), "logvar": torch.zeros(2, 4, 2, 2)}, "the prior itself: KL = 0"),
+             Case({"mean": _randn(3, 4, 2, 2, seed=16), "logvar": torch.zeros(3, 4, 2, 2)}, "σ = 1, random μ"),
+             Case({"mean": _randn(3, 4, 2, 2, seed=17), "logvar": _randn(3, 4, 2, 2, seed=18) - 3}, "small σ")]
+    return check("kl_divergence", fn, _reference_kl_divergence, cases, atol=1e-4, rtol=1e-5)
+
+
+def _reference_scaling_factor(latents: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(1.0 / latents.float().std().item())
+
+
+def check_scaling_factor(fn: Callable) -> Callable:
+    """Check ``fn(latents)``: 1 / (standard deviation of all latent values), SD's recipe for 0.18215."""
+    cases = [Case({"latents": _randn(64, 4, 8, 8, seed=19) * scale + shift}, f"std {scale}, mean {shift}")
+             for scale, shift in [(5.5, 0.0), (0.5, 0.2), (1.0, -1.0)]]
+    return check("scaling_factor", fn, _reference_scaling_factor, cases, atol=1e-5, rtol=1e-4)
+
+
+# --- Lesson 06: the compression factor ----------------------------------------------------------
+
+
+def _reference_psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    from .metrics import psnr
+
+    return psnr(a, b, data_range)
+
+
+def check_psnr(fn: Callable) -> Callable:
+    """Check ``fn(a, b, data_range)``: PSNR per image, 10 log10(L² / MSE), shape (B,)."""
+    a = _randn(3, 3, 8, 8, seed=20).clamp(-1, 1)
+    cases = [Case({"a": a, "b": (a + 0.1 * _randn(3, 3, 8, 8, seed=21)).clamp(-1, 1), "data_range": 2.0}, "[-1, 1] images"),
+             Case({"a": (a + 1) / 2, "b": (a + 1) / 2 + 0.01, "data_range": 1.0}, "[0, 1] images, constant error")]
+    return check("psnr", fn, _reference_psnr, cases, atol=1e-3, rtol=1e-5)
+
+
+def _reference_frechet_distance(mu_a: torch.Tensor, sigma_a: torch.Tensor, mu_b: torch.Tensor,
+                                sigma_b: torch.Tensor) -> torch.Tensor:
+    from .metrics import frechet_distance_gaussians
+
+    return torch.tensor(frechet_distance_gaussians(mu_a.numpy(), sigma_a.numpy(), mu_b.numpy(), sigma_b.numpy()))
+
+
+def check_frechet_distance(fn: Callable) -> Callable:
+    """Check ``fn(mu_a, sigma_a, mu_b, sigma_b)``: ‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½)."""
+    def covariance(seed: int, d: int = 4) -> torch.Tensor:
+        m = _randn(d, d, seed=seed).double()
+        return m @ m.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+    mu = _randn(4, seed=22).double()
+    cases = [Case({"mu_a": mu, "sigma_a": covariance(23), "mu_b": mu, "sigma_b": covariance(23)}, "identical: 0"),
+             Case({"mu_a": mu, "sigma_a": torch.eye(4, dtype=torch.float64), "mu_b": mu + 1,
+                   "sigma_b": torch.eye(4, dtype=torch.float64)}, "shifted means, unit covariances"),
+             Case({"mu_a": mu, "sigma_a": covariance(24), "mu_b": -mu, "sigma_b": covariance(25)}, "random")]
+    return check("frechet_distance", fn, _reference_frechet_distance, cases, atol=1e-4, rtol=1e-4)

@@ -203,6 +203,26 @@ def glyph_accuracy(images: torch.Tensor, chars=None, fg=None, bg=None,
     return accuracy
 
 
+RECOGNISABLE_THRESHOLD = 0.9  # a sample "reads as" a character when the classifier gives it ≥ 90%
+
+
+@torch.no_grad()
+def recognisable(images: torch.Tensor, classifier: GlyphClassifier | None = None,
+                 threshold: float = RECOGNISABLE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which images read clearly as some character, for unconditional samples (no prompt to check).
+
+    Returns (mask, chars): (N,) bool, True where the classifier's top character probability is
+    ≥ ``threshold``, and (N,) int64, that top character (index into CHARACTERS).
+    """
+    _check_images("images", images)
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must be in (0, 1].")
+    classifier = load_glyph_classifier() if classifier is None else classifier
+    probs = _batched(lambda x: classifier(x)["char"].softmax(-1), classifier, images, 256)  # (N, 36)
+    confidence, chars = probs.max(-1)
+    return confidence >= threshold, chars
+
+
 # ----------------------------------------------------------------------------- Fréchet distance
 
 
@@ -327,3 +347,18 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.reshape(B, -1).mean(1)  # mean over channels and pixels
+
+
+def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tensor,
+                           classifier: GlyphClassifier | None = None) -> dict[str, float]:
+    """How well an autoencoder kept its inputs: mean PSNR (dB) and SSIM, and for glyphs an rFID-style score.
+
+    ``rfid`` is ``glyph_fid(reconstructions, originals)``, the course's stand-in for the LDM
+    paper's R-FID (Inception-FID of reconstructions, Table 8); it is computed only when a
+    ``classifier`` is given (glyph images, more than 64 of them).
+    """
+    out = {"psnr": psnr(reconstructions, originals).mean().item(),
+           "ssim": ssim(reconstructions, originals).mean().item()}
+    if classifier is not None:
+        out["rfid"] = glyph_fid(reconstructions, originals, classifier)
+    return out

@@ -141,9 +141,16 @@ def _save_atomically(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     os.replace(tmp, path)
 
 
-def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict | None = None) -> None:
-    """Weights only (e.g. EMA weights to ship), with the model's config in the header."""
-    _save_atomically(model.state_dict(), path, {"model_config": _model_config(model), **(metadata or {})})
+def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+    """Weights only (e.g. EMA weights to ship), with the model's class and config in the header.
+
+    ``dtype=torch.float16`` halves the file; ``load_weights`` casts back to the model's dtype.
+    """
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    header = {"model_class": type(model).__name__, "model_config": _model_config(model)}
+    _save_atomically(state, path, header | (metadata or {}))
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:

@@ -27,8 +27,6 @@ from minisd import data, metrics, samplers  # noqa: E402
 from minisd.nn import UNet  # noqa: E402
 from minisd.schedules import NoiseSchedule  # noqa: E402
 
-CONFIDENT = 0.9  # a sample is "recognisable" when the classifier gives its top character ≥ 90%
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,10 +44,7 @@ def main() -> None:
                               steps_offset=0, generator=generator)
     seconds = time.perf_counter() - start
     classifier = metrics.load_glyph_classifier(device="cpu")
-    with torch.no_grad():
-        probs = classifier(samples)["char"].softmax(-1)
-    confidence, chars = probs.max(-1)
-    confident = confidence >= CONFIDENT
+    confident, chars = metrics.recognisable(samples, classifier)  # top character ≥ 0.9
     real_a = data.GlyphDataset(args.num_samples, seed=args.seed + 1, grayscale=True).images
     real_b = data.GlyphDataset(args.num_samples, seed=args.seed + 2, grayscale=True).images
     figures = {

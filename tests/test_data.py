@@ -256,3 +256,20 @@ def test_error_lists_the_accepted_values():
     with pytest.raises(ValueError) as error:
         sample_glyph_specs(3, difficulty="medium")
     assert "'medium'" in str(error.value) and "'easy'" in str(error.value) and "'hard'" in str(error.value)
+
+
+def test_autoencoder_images_mix_glyphs_and_photos_and_hold_two_photos_out():
+    from minisd.data import HELD_OUT_PHOTOS, PHOTOS, TRAIN_PHOTOS, autoencoder_images, photo_patches
+
+    images = autoencoder_images(40, size=32, seed=3, photo_fraction=0.5)
+    assert images.shape == (40, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, autoencoder_images(40, size=32, seed=3, photo_fraction=0.5))  # seeded
+    glyphs = GlyphDataset(20, size=32, seed=3).images
+    photos = photo_patches(20, size=32, seed=3, names=TRAIN_PHOTOS)
+    for part in (glyphs, photos):  # every glyph and every patch is in the shuffled mix, once
+        matches = (images[:, None] == part[None]).flatten(2).all(2)  # (40, 20)
+        assert matches.sum(0).eq(1).all()
+    assert set(TRAIN_PHOTOS) | set(HELD_OUT_PHOTOS) == set(PHOTOS) and not set(TRAIN_PHOTOS) & set(HELD_OUT_PHOTOS)
+    assert autoencoder_images(10, photo_fraction=0.0).shape == (10, 3, 32, 32)
+    with pytest.raises(ValueError, match="photo_fraction"):
+        autoencoder_images(10, photo_fraction=1.5)

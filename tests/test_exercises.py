@@ -189,3 +189,61 @@ def test_lesson04_wrong_answers_say_where_and_what():
 
     with pytest.raises(ExerciseError, match="`euler_step` on input high noise"):
         exercises.check_euler_step(wrong_direction)
+
+
+# ----------------------------------------------------------------------------- lessons 05 and 06
+
+
+def learner_reparameterize(mean, logvar, noise):
+    return mean + (0.5 * logvar).exp() * noise
+
+
+def learner_kl(mean, logvar):
+    return -0.5 * torch.sum(1 + logvar - mean**2 - logvar.exp(), dim=(1, 2, 3))  # the VAE paper's form
+
+
+def learner_scaling_factor(latents):
+    return 1 / latents.flatten().std()
+
+
+def learner_psnr(a, b, data_range=2.0):
+    return 20 * torch.log10(data_range / (a - b).pow(2).mean(dim=(1, 2, 3)).sqrt())
+
+
+def learner_frechet(mu_a, sigma_a, mu_b, sigma_b):
+    import scipy.linalg
+
+    root = torch.from_numpy(scipy.linalg.sqrtm((sigma_a @ sigma_b).numpy()).real)
+    return ((mu_a - mu_b) ** 2).sum() + sigma_a.trace() + sigma_b.trace() - 2 * root.trace()
+
+
+LESSON_05_06 = [
+    (exercises.check_reparameterize, learner_reparameterize),
+    (exercises.check_kl_divergence, learner_kl),
+    (exercises.check_scaling_factor, learner_scaling_factor),
+    (exercises.check_psnr, learner_psnr),
+    (exercises.check_frechet_distance, learner_frechet),
+]
+
+
+@pytest.mark.parametrize("check, answer", LESSON_05_06)
+def test_lessons_05_06_right_answers_pass_and_stubs_fall_back(check, answer, capsys):
+    assert check(answer) is answer
+    reference = check(stub)
+    assert reference is not stub and check(reference) is reference
+    out = capsys.readouterr().out
+    assert "not written yet" in out and out.count("✅") == 2
+
+
+@pytest.mark.parametrize("check, slip, words", [
+    (exercises.check_reparameterize, lambda mean, logvar, noise: mean + logvar * noise, "reparameterize"),  # σ² for σ
+    (exercises.check_kl_divergence, lambda mean, logvar: learner_kl(mean, logvar) / 16, "kl_divergence"),  # a mean
+    (exercises.check_scaling_factor, lambda latents: latents.std(), "scaling_factor"),  # forgot the 1/
+    (exercises.check_psnr, lambda a, b, data_range=2.0: 10 * torch.log10(data_range / (a - b).pow(2).mean((1, 2, 3))),
+     "psnr"),  # L instead of L²
+    (exercises.check_frechet_distance,
+     lambda mu_a, sigma_a, mu_b, sigma_b: ((mu_a - mu_b) ** 2).sum(), "frechet_distance"),  # means only
+])
+def test_lessons_05_06_common_slips_are_caught(check, slip, words):
+    with pytest.raises(ExerciseError, match=words):
+        check(slip)

@@ -16,7 +16,8 @@ from skimage.metrics import structural_similarity
 from minisd.data import GlyphDataset
 from minisd.metrics import (
     DEFAULT_CLASSIFIER_PATH, GlyphClassifier, GlyphClassifierConfig, frechet_distance,
-    frechet_distance_gaussians, glyph_accuracy, glyph_fid, load_glyph_classifier, predict, psnr, ssim,
+    frechet_distance_gaussians, glyph_accuracy, glyph_fid, load_glyph_classifier, predict, psnr, recognisable,
+    reconstruction_metrics, ssim,
 )
 
 TEST_SEED = 2  # held out: training uses seeds >= 1000 and evaluates on seed 1
@@ -206,3 +207,24 @@ def test_bad_shapes_raise_value_error(classifier, easy):
         glyph_accuracy(easy.images[:2], fg=["red", "magenta"], classifier=classifier)
     with pytest.raises(ValueError, match="at least one of chars, fg, bg"):
         glyph_accuracy(easy.images[:2], classifier=classifier)
+
+
+def test_recognisable_flags_real_glyphs_and_not_noise(classifier, easy):
+    real = easy.images[:64]
+    mask, chars = recognisable(real, classifier)
+    assert mask.shape == chars.shape == (64,) and mask.dtype == torch.bool
+    assert mask.float().mean() > 0.9
+    assert (chars[mask] == easy.chars[:64][mask]).float().mean() > 0.95  # confident and right
+    flat = torch.zeros(64, 3, 32, 32)  # a blank grey square is no character
+    assert recognisable(flat, classifier)[0].float().mean() < 0.5
+    with pytest.raises(ValueError, match="threshold"):
+        recognisable(real, classifier, threshold=0.0)
+
+
+def test_reconstruction_metrics_perfect_and_degraded(classifier, easy):
+    x = easy.images[:80]
+    blurred = F.avg_pool2d(x, 3, stride=1, padding=1)
+    perfect, degraded = reconstruction_metrics(x, x.clone(), classifier), reconstruction_metrics(x, blurred, classifier)
+    assert math.isinf(perfect["psnr"]) and perfect["ssim"] == pytest.approx(1.0) and abs(perfect["rfid"]) < 1e-6
+    assert degraded["psnr"] < 40 and degraded["ssim"] < 1 and degraded["rfid"] > 1
+    assert "rfid" not in reconstruction_metrics(x, blurred)  # no classifier: pixels only

@@ -1,0 +1,198 @@
+"""Train an unconditional latent diffusion model on one autoencoder's glyph latents, scoring it as it learns.
+
+    python scripts/train_latent_diffusion.py --autoencoder assets/checkpoints/ae_f4.safetensors \\
+        --steps 6000 --eval-at 375,750,1500,3000,6000 --export assets/checkpoints/ldm_f4.safetensors --fp16
+
+Lesson 06's second half: the LDM paper's "LDM-f" study (Rombach et al. 2022, §4.1, Fig. 6),
+small. Every f gets the same U-Net widths (``UNET_WIDTHS``, fewer levels only where the latent
+grid is too small to halve), batch, learning rate and number of steps. At each ``--eval-at``
+step the EMA weights draw ``--num-eval-samples`` samples (DDIM, 50 steps, η = 0; the paper used
+100), the autoencoder decodes them, and the glyph classifier scores them: ``glyph_fid`` against
+real held-out glyphs and the share of recognisable samples. The training compute of each step
+is counted with ``torch.utils.flop_counter`` so curves can be compared at equal FLOPs too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from minisd.data import GlyphDataset  # noqa: E402
+from minisd.diffusion import ddpm_loss  # noqa: E402
+from minisd.metrics import glyph_fid, load_glyph_classifier, recognisable  # noqa: E402
+from minisd.nn import UNet, UNetConfig  # noqa: E402
+from minisd.nn.vae import AutoencoderKL  # noqa: E402
+from minisd.samplers import sample  # noqa: E402
+from minisd.schedules import NoiseSchedule  # noqa: E402
+from minisd.train import Trainer, TrainConfig, save_weights  # noqa: E402
+
+UNET_WIDTHS = (32, 64, 64)  # the pixel DDPM's widths (lesson 03), for every f
+SCHEDULE = NoiseSchedule.stable_diffusion()  # scaled-linear β, 0.00085 → 0.012, T = 1000
+REFERENCE_SEED, NUM_REFERENCE = 20_001, 2000  # real glyphs that samples are compared with
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+def unet_config_for(latent_shape: tuple[int, int, int]) -> UNetConfig:
+    """UNET_WIDTHS on a c×s×s latent grid; levels capped so the lowest one is at least 1×1."""
+    c, side, _ = latent_shape
+    levels = min(len(UNET_WIDTHS), int(math.log2(side)) + 1)
+    widths = UNET_WIDTHS[:levels]
+    return UNetConfig(in_channels=c, out_channels=c, sample_size=side, block_out_channels=widths,
+                      layers_per_block=1, attention=tuple(i == levels - 1 for i in range(levels)),
+                      attention_head_dim=32, norm_num_groups=8)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--autoencoder", required=True, help="an AutoencoderKL safetensors file (scaling factor in its header)")
+    p.add_argument("--name", default=None, help="default: ldm_ + the autoencoder's name without 'ae_'")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=20_000, help="RGB glyphs to encode and train on")
+    p.add_argument("--eval-at", default="", help="comma-separated steps at which to score the EMA model")
+    p.add_argument("--num-eval-samples", type=int, default=500)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--run-dir", default=None, help="default runs/ldm/NAME")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early (the card says so) after this long")
+    p.add_argument("--eval-fractions", default="0.0625,0.125,0.25,0.5",
+                   help="also score at these fractions of the total steps (and always at the end)")
+    p.add_argument("--export", metavar="SAFETENSORS")
+    p.add_argument("--fp16", action="store_true", help="export weights as float16")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def encode_all(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode_latents(x.to(device)).cpu() for x in images.split(batch_size)])
+
+
+def train_flops_per_step(model: UNet, batch_size: int, latent_shape: tuple[int, int, int], device: str) -> int:
+    """FLOPs of one forward + backward pass at this batch size, counted by torch (matmuls and convs)."""
+    x = torch.randn(batch_size, *latent_shape, device=device)
+    t = torch.randint(0, 1000, (batch_size,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t).square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def score(model: UNet, vae: AutoencoderKL, n: int, reference: torch.Tensor, classifier, device: str) -> dict:
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(n, *vae.config.latent_shape, generator=generator).to(device)
+    latents = sample(model, noise, SCHEDULE, sampler="ddim", num_inference_steps=50, progress=False)
+    images = torch.cat([vae.decode_latents(z).cpu() for z in latents.split(500)])
+    mask, _ = recognisable(images, classifier)
+    return {"glyph_fid": glyph_fid(images, reference, classifier), "recognisable": mask.float().mean().item()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPU only: TF32 matmuls and convs
+    torch.backends.cudnn.benchmark = True
+    vae = AutoencoderKL.from_pretrained(args.autoencoder, device=args.device)
+    name = args.name or "ldm_" + Path(args.autoencoder).stem.removeprefix("ae_")
+    run_dir = Path(args.run_dir or f"runs/ldm/{name}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/train_latent_diffusion.py " + shlex.join(argv)
+
+    t0 = time.time()
+    latents = encode_all(vae, GlyphDataset(args.num_images, seed=args.seed).images)  # (N, c, s, s), scaled
+    reference = GlyphDataset(NUM_REFERENCE, seed=REFERENCE_SEED).images
+    classifier = load_glyph_classifier(device=args.device)
+    print(f"[{name}] encoded {len(latents)} glyphs to {tuple(latents.shape[1:])} in {time.time() - t0:.1f} s; "
+          f"latent std {latents.std():.3f}", flush=True)
+
+    model = UNet(unet_config_for(vae.config.latent_shape)).to(args.device)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                         lr_schedule="constant", ema_decay=args.ema_decay, max_grad_norm=1.0, seed=args.seed)
+    trainer = Trainer(model, config, lambda m, z, g: ddpm_loss(m, SCHEDULE, z, g), latents)
+    flops = train_flops_per_step(model, args.batch_size, vae.config.latent_shape, args.device)
+    print(f"[{name}] {model.num_parameters:,} parameters, {model.config.block_out_channels}, "
+          f"{flops / 1e9:.2f} GFLOP per training step", flush=True)
+
+    def eval_steps(total: int) -> set[int]:
+        fixed = {int(x) for x in args.eval_at.split(",") if x}
+        return fixed | {max(1, round(total * float(x))) for x in args.eval_fractions.split(",") if x} | {total}
+
+    eval_at = eval_steps(config.steps)
+    curve, clock, train_seconds, stopped_early = [], time.time(), 0.0, False  # clock: when training last resumed
+
+    def trained_for() -> float:
+        return train_seconds + time.time() - clock  # seconds of training so far, scoring excluded
+    while trainer.step < trainer.config.steps:
+        trainer.train_step()
+        out_of_time = bool(args.max_minutes) and trained_for() > 60 * args.max_minutes
+        if trainer.step in eval_at or out_of_time:
+            train_seconds, lap = trained_for(), time.time()
+            point = {"step": trainer.step, "train_flops": flops * trainer.step, "train_seconds": round(train_seconds, 1),
+                     "loss_last_100": sum(trainer.history[-100:]) / len(trainer.history[-100:]),
+                     **score(trainer.ema_model, vae, args.num_eval_samples, reference, classifier, args.device)}
+            curve.append(point)
+            print(f"[{name}] {json.dumps(point)} (scored in {time.time() - lap:.1f} s)", flush=True)
+            clock = time.time()
+        if out_of_time:
+            stopped_early = True
+            print(f"[{name}] stopped early at step {trainer.step} (--max-minutes {args.max_minutes})", flush=True)
+            break
+    trainer.save(run_dir / CHECKPOINT_NAME, {"curve": curve, "commands": [command]})
+    if not args.export:
+        return
+    path = Path(args.export)
+    ema = trainer.ema_model
+    save_weights(ema, path, {"step": trainer.step, "autoencoder": Path(args.autoencoder).name},
+                 dtype=torch.float16 if args.fp16 else None)
+    card = {
+        "name": path.stem,
+        "description": f"Unconditional latent diffusion (ε-prediction) on RGB glyph latents of {Path(args.autoencoder).name} "
+                       f"(f = {vae.config.downsample_factor}, latents {vae.config.latent_shape}); EMA weights of minisd.nn.UNet.",
+        "autoencoder": {"file": Path(args.autoencoder).name, "scaling_factor": vae.config.scaling_factor,
+                        "sha256": hashlib.sha256(Path(args.autoencoder).read_bytes()).hexdigest()},
+        "model_config": dataclasses.asdict(ema.config),
+        "num_parameters": ema.num_parameters,
+        "schedule": {"num_train_timesteps": 1000, "beta_start": SCHEDULE.betas[0].item(), "beta_end": SCHEDULE.betas[-1].item(),
+                     "beta_schedule": "scaled_linear", "prediction_type": "epsilon"},
+        "train_config": dataclasses.asdict(config),
+        "dataset": {"class": "minisd.data.GlyphDataset", "n": args.num_images, "seed": args.seed, "difficulty": "easy"},
+        "steps": trainer.step,
+        "stopped_early": stopped_early,
+        "seed": args.seed,
+        "train_flops_per_step": flops,
+        "curve": curve,
+        "evaluation": f"EMA weights; {args.num_eval_samples} samples, DDIM 50 steps (η = 0), decoded by the autoencoder; "
+                      f"glyph_fid against {NUM_REFERENCE} real glyphs (GlyphDataset seed {REFERENCE_SEED}); "
+                      "recognisable = top character probability ≥ 0.9",
+        "command": command,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "weights_dtype": "float16" if args.fp16 else "float32",
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "size_bytes": path.stat().st_size,
+    }
+    path.with_suffix(".json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    print(f"[{name}] wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and its card", flush=True)
+
+
+if __name__ == "__main__":
+    main()

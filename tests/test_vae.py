@@ -1,0 +1,223 @@
+"""minisd.nn.vae: shapes, the Gaussian posterior's maths, VQ's straight-through gradient, losses,
+checkpoints, error messages, and parity with diffusers' AutoencoderKL and VQModel."""
+
+import pytest
+import torch
+
+import diffusers  # noqa: F401  (a test extra: the parity tests need it)
+from minisd.nn.vae import (
+    AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution, VectorQuantizer, VQModel, kl_vae_loss,
+    scaling_factor_from_latents, vq_loss,
+)
+from minisd.train import save_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = AutoencoderConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=16)
+
+
+def _seeded_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Random values in every parameter (default inits leave biases and norms trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+# ----------------------------------------------------------------------------- shapes and config
+
+
+@pytest.mark.parametrize("widths, f", [((16,), 1), ((16, 16), 2), ((16, 32, 32), 4), ((16, 16, 16, 16), 8)])
+def test_latent_grid_is_image_over_f(widths, f):
+    config = AutoencoderConfig(block_out_channels=widths, layers_per_block=1, norm_num_groups=8, sample_size=16)
+    assert config.downsample_factor == f and config.latent_shape == (4, 16 // f, 16 // f)
+    vae = AutoencoderKL(config).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    posterior = vae.encode(x)
+    assert posterior.mean.shape == (2, 4, 16 // f, 16 // f)
+    assert vae.decode(posterior.mode()).shape == x.shape
+    assert VQModel(config).eval()(x)[0].shape == x.shape
+
+
+def test_config_round_trips_and_bad_configs_name_the_field():
+    assert AutoencoderConfig.from_dict(TINY.to_dict()) == TINY
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        AutoencoderConfig(block_out_channels=(12, 24), norm_num_groups=8)
+    with pytest.raises(ValueError, match="sample_size"):
+        AutoencoderConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=8, sample_size=12)
+    with pytest.raises(ValueError, match="scaling_factor"):
+        AutoencoderConfig(scaling_factor=0.0)
+
+
+def test_bad_inputs_name_the_argument_and_the_rule():
+    vae = AutoencoderKL(TINY)
+    with pytest.raises(ValueError, match=r"multiples of f = 4"):
+        vae.encode(torch.zeros(1, 3, 18, 16))
+    with pytest.raises(ValueError, match=r"in_channels"):
+        vae.encode(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"latent_channels"):
+        vae.decode(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="kl_weight"):
+        kl_vae_loss(vae, torch.zeros(1, 3, 16, 16), kl_weight=-1.0)
+
+
+# ----------------------------------------------------------------------------- the posterior
+
+
+def test_posterior_sample_is_mean_plus_std_times_noise_and_kl_matches_torch_distributions():
+    moments = torch.randn(3, 8, 4, 4)
+    q = DiagonalGaussianDistribution(moments)
+    g = torch.Generator().manual_seed(5)
+    eps = torch.randn(q.mean.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(q.sample(g), q.mean + torch.exp(0.5 * moments[:, 4:]) * eps)
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Normal(q.mean, q.std), torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    torch.testing.assert_close(q.kl(), reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(q.mode(), moments[:, :4])
+
+
+def test_kl_is_zero_exactly_for_the_standard_normal_and_logvar_is_clamped():
+    assert torch.all(DiagonalGaussianDistribution(torch.zeros(2, 8, 3, 3)).kl() == 0)
+    q = DiagonalGaussianDistribution(torch.cat([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), -100.0)], 1))
+    assert q.logvar.min() == -30.0 and torch.isfinite(q.kl()).all()
+
+
+def test_kl_weight_changes_the_loss_by_weight_times_kl_per_pixel():
+    vae = _seeded_(AutoencoderKL(TINY))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss0, parts0 = kl_vae_loss(vae, x, 0.0, torch.Generator().manual_seed(0))
+    loss1, parts1 = kl_vae_loss(vae, x, 0.5, torch.Generator().manual_seed(0))
+    assert parts0 == parts1 and loss0.item() == pytest.approx(parts0["l1"], rel=1e-6)
+    assert (loss1 - loss0).item() == pytest.approx(0.5 * parts0["kl"] / (3 * 16 * 16), rel=1e-4)
+
+
+def test_scaling_factor_is_one_over_the_std():
+    z = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 5.0
+    assert scaling_factor_from_latents(z) == pytest.approx(1 / z.std().item())
+    assert scaling_factor_from_latents(z) == pytest.approx(0.2, rel=0.02)
+    with pytest.raises(ValueError, match="latents"):
+        scaling_factor_from_latents(torch.ones(1))
+
+
+def test_scaled_latent_helpers_undo_each_other():
+    config = AutoencoderConfig(**{**TINY.to_dict(), "block_out_channels": (16, 32, 32), "scaling_factor": 0.25})
+    vae = _seeded_(AutoencoderKL(config)).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = vae.encode_latents(x)
+    torch.testing.assert_close(latents, vae.encode(x).mean * 0.25)
+    torch.testing.assert_close(vae.decode_latents(latents), vae.decode(vae.encode(x).mean).clamp(-1, 1))
+
+
+# ----------------------------------------------------------------------------- vector quantisation
+
+
+def test_vector_quantizer_picks_the_nearest_code_and_passes_gradients_straight_through():
+    vq = VectorQuantizer(num_embeddings=5, embedding_dim=2)
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    z = torch.tensor([[0.9, 0.2], [-0.1, -0.7], [0.1, 0.1]]).T.reshape(1, 2, 1, 3).requires_grad_(True)
+    z_q, loss, codes = vq(z)
+    assert codes.tolist() == [[[1, 4, 0]]]
+    torch.testing.assert_close(z_q.detach(), vq.embedding.weight[codes[0, 0]].T.reshape(1, 2, 1, 3))
+    (z_q * torch.arange(6.0).reshape(1, 2, 1, 3)).sum().backward()
+    torch.testing.assert_close(z.grad, torch.arange(6.0).reshape(1, 2, 1, 3))  # identity gradient
+    squared = (z.detach() - z_q.detach()).pow(2).mean()
+    assert loss.item() == pytest.approx((1 + 0.25) * squared.item(), rel=1e-5)
+
+
+def test_vq_loss_reports_codebook_usage():
+    model = _seeded_(VQModel(AutoencoderConfig(**{**TINY.to_dict(), "num_vq_embeddings": 16})))
+    loss, parts = vq_loss(model, torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert loss.ndim == 0 and 0 < parts["codebook_usage"] <= 1 and parts["vq"] >= 0
+
+
+def test_training_a_few_steps_lowers_the_reconstruction_loss():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY)
+    coarse = torch.rand(8, 3, 4, 4) * 2 - 1  # smooth images: learnable in a few steps, unlike white noise
+    x = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear")
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
+    for step in range(40):
+        loss, parts = kl_vae_loss(vae, x, 1e-6, torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(parts["l1"])
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("cls", [AutoencoderKL, VQModel])
+def test_from_pretrained_round_trips_in_float16(tmp_path, cls):
+    model = _seeded_(cls(TINY)).eval()
+    path = tmp_path / "ae.safetensors"
+    save_weights(model, path, dtype=torch.float16)
+    loaded = cls.from_pretrained(path)
+    assert loaded.config == TINY and next(loaded.parameters()).dtype == torch.float32
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(loaded.encode_latents(x), model.encode_latents(x), atol=5e-2, rtol=5e-2)
+
+
+def test_from_pretrained_refuses_the_other_class_and_mismatched_weights(tmp_path):
+    path = tmp_path / "kl.safetensors"
+    save_weights(AutoencoderKL(TINY), path)
+    with pytest.raises(ValueError, match="holds a AutoencoderKL, not a VQModel"):
+        VQModel.from_pretrained(path)
+    from minisd.train import load_weights
+    with pytest.raises(ValueError, match="does not fit"):
+        load_weights(AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 8), norm_num_groups=8, sample_size=16)), path)
+
+
+# ----------------------------------------------------------------------------- parity with diffusers
+
+
+def _diffusers_kwargs(config: AutoencoderConfig) -> dict:
+    levels = len(config.block_out_channels)
+    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=config.block_out_channels,
+                layers_per_block=config.layers_per_block, latent_channels=config.latent_channels,
+                norm_num_groups=config.norm_num_groups, sample_size=config.sample_size)
+
+
+SD_SHAPED = [
+    AutoencoderConfig(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=16, sample_size=32),
+    AutoencoderConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=32, sample_size=32),
+]
+
+
+@pytest.mark.parametrize("config", SD_SHAPED, ids=["f4", "f8-sd-groups"])
+def test_autoencoder_kl_equals_diffusers(config):
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    theirs = _seeded_(DiffusersAutoencoderKL(**_diffusers_kwargs(config)), scale=0.05).eval()
+    ours = AutoencoderKL(config).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: every key and shape is diffusers'
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        q_theirs, q_ours = theirs.encode(x).latent_dist, ours.encode(x)
+        torch.testing.assert_close(q_ours.mean, q_theirs.mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q_ours.logvar, q_theirs.logvar, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q_ours.kl(), q_theirs.kl(), atol=1e-4, rtol=1e-5)
+        z_theirs = q_theirs.sample(generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(q_ours.sample(torch.Generator().manual_seed(3)), z_theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.decode(z_theirs), theirs.decode(z_theirs).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_vq_model_equals_diffusers():
+    from diffusers import VQModel as DiffusersVQModel
+
+    config = SD_SHAPED[0]
+    theirs = _seeded_(DiffusersVQModel(**_diffusers_kwargs(config), num_vq_embeddings=config.num_vq_embeddings,
+                                       vq_embed_dim=config.latent_channels), scale=0.05).eval()
+    ours = VQModel(config).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        h = theirs.encode(x).latents
+        torch.testing.assert_close(ours.encode(x), h, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.decode(h), theirs.decode(h).sample, atol=1e-5, rtol=1e-5)
+
