@@ -110,8 +110,9 @@ def evaluate(model: torch.nn.Module, train_images: torch.Tensor) -> dict:
                "photos_held_out": reconstruction_metrics(photos, reconstruct(model, photos))}
     x = train_images[:2048].to(device)
     if isinstance(model, AutoencoderKL):
-        latents = model.encode(x).sample(torch.Generator(device=device).manual_seed(0))
-        metrics["kl_per_image"] = model.encode(x).kl().mean().item()
+        posterior = model.encode(x)
+        latents = posterior.sample(torch.Generator(device=device).manual_seed(0))
+        metrics["kl_per_image"] = posterior.kl().mean().item()
     else:
         latents = model.encode(x)
         codes = model.quantize(latents)[2]
@@ -125,9 +126,9 @@ def evaluate(model: torch.nn.Module, train_images: torch.Tensor) -> dict:
 BUDGET_PROBE = (20, 120)  # time steps 20…120 (after cuDNN's autotuning) to size a --budget-minutes run
 
 
-def steps_for_budget(trainer: Trainer, minutes: float, start: float, name: str) -> TrainConfig:
+def steps_for_budget(trainer: Trainer, minutes: float, start: float, probe_start: float, name: str) -> TrainConfig:
     """The run's TrainConfig with ``steps`` set to what fits in ``minutes`` at the rate measured so far."""
-    rate = (BUDGET_PROBE[1] - BUDGET_PROBE[0]) / (time.time() - trainer.probe_time)
+    rate = (BUDGET_PROBE[1] - BUDGET_PROBE[0]) / (time.time() - probe_start)
     steps = max(trainer.step + 1, int(rate * (60 * minutes - (time.time() - start))) + trainer.step)
     print(f"[{name}] {rate:.1f} steps/s: {steps} steps fit in {minutes} min", flush=True)
     return dataclasses.replace(trainer.config, steps=steps)
@@ -176,9 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     while trainer.step < trainer.config.steps:
         loss = trainer.train_step()
         if trainer.step == BUDGET_PROBE[0]:
-            trainer.probe_time = time.time()
+            probe_start = time.time()
         if args.budget_minutes and trainer.step == BUDGET_PROBE[1]:
-            trainer.config = train_config = steps_for_budget(trainer, args.budget_minutes, start, args.name)
+            trainer.config = train_config = steps_for_budget(trainer, args.budget_minutes, start, probe_start, args.name)
         if trainer.step % args.log_every == 0:
             print(f"[{args.name}] step {trainer.step}/{train_config.steps} loss {loss:.4f} "
                   f"({(time.time() - start) / 60:.1f} min)", flush=True)
