@@ -91,14 +91,6 @@ def loss_function(args: argparse.Namespace):
 
 
 @torch.no_grad()
-def reconstruct(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Encode to the posterior mean (KL) or the codebook (VQ) and decode, clamped to [-1, 1]."""
-    device = next(model.parameters()).device
-    out = [model.decode_latents(model.encode_latents(x.to(device))).cpu() for x in images.split(batch_size)]
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, train_images: torch.Tensor) -> dict:
     """Held-out PSNR / SSIM / rFID-style, latent statistics and the scaling factor (1 / std)."""
     model.eval()
@@ -106,8 +98,8 @@ def evaluate(model: torch.nn.Module, train_images: torch.Tensor) -> dict:
     glyphs = GlyphDataset(NUM_EVAL, seed=EVAL_GLYPH_SEED).images
     photos = photo_patches(NUM_EVAL, seed=EVAL_PHOTO_SEED, names=HELD_OUT_PHOTOS)
     classifier = load_glyph_classifier(device="cpu")
-    metrics = {"glyphs": reconstruction_metrics(glyphs, reconstruct(model, glyphs), classifier),
-               "photos_held_out": reconstruction_metrics(photos, reconstruct(model, photos))}
+    metrics = {"glyphs": reconstruction_metrics(glyphs, model.reconstruct(glyphs), classifier),
+               "photos_held_out": reconstruction_metrics(photos, model.reconstruct(photos))}
     x = train_images[:2048].to(device)
     if isinstance(model, AutoencoderKL):
         posterior = model.encode(x)

@@ -221,3 +221,10 @@ def test_vq_model_equals_diffusers():
         torch.testing.assert_close(ours.encode(x), h, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.decode(h), theirs.decode(h).sample, atol=1e-5, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("cls", [AutoencoderKL, VQModel])
+def test_reconstruct_is_decode_of_encode_in_batches(cls):
+    model = _seeded_(cls(TINY)).eval()
+    x = torch.rand(5, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(model.reconstruct(x, batch_size=2), model.decode_latents(model.encode_latents(x)))

@@ -202,6 +202,14 @@ class _Autoencoder(nn.Module):
     def num_parameters(self) -> int:
         return count_parameters(self)
 
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """decode_latents(encode_latents(images)), batch by batch on the model's device, returned on
+        the images' device: deterministic latents (posterior mean for KL, codebook for VQ)."""
+        device = next(self.parameters()).device
+        return torch.cat([self.decode_latents(self.encode_latents(x.to(device))).to(images.device)
+                          for x in images.split(batch_size)])
+
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None):
         """Build from a shipped safetensors file: config from its header, then the weights.
