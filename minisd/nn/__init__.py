@@ -3,7 +3,8 @@
 from .attention import SelfAttention2d
 from .embeddings import TimestepEmbedding, timestep_embedding
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
-from .unet import UNet, UNetConfig, count_parameters
+from .blocks import count_parameters
+from .unet import UNet, UNetConfig
 from .vae import AutoencoderConfig, AutoencoderKL, VQModel
 
 __all__ = [

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .attention import SelfAttention2d
+from .blocks import Level, count_parameters
 from .embeddings import TIME_EMBED_MULT, TimestepEmbedding, timestep_embedding
 from .resnet import SD_UNET_NORM_EPS, Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -84,23 +85,6 @@ class UNetConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-class _Level(nn.Module):
-    """One resolution level: a holder whose attribute names make diffusers' key names."""
-
-    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module], resample_name: str | None = None,
-                 resample: list[nn.Module] = ()):
-        super().__init__()
-        self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(attentions)  # empty at levels without attention: no keys
-        if resample_name is not None:  # "downsamplers" or "upsamplers"; empty at the last level
-            setattr(self, resample_name, nn.ModuleList(resample))
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of scalar parameters in ``module``."""
-    return sum(p.numel() for p in module.parameters())
-
-
 class UNet(nn.Module):
     """ε_θ(x_t, t): predicts the noise in x_t (module docstring for the layout)."""
 
@@ -126,9 +110,9 @@ class UNet(nn.Module):
             resnets = [resnet(cin if j == 0 else cout, cout) for j in range(n)]
             attentions = [attention(cout) for _ in range(n)] if use_attention else []
             down = [Downsample2D(cout)] if i < L - 1 else []
-            self.down_blocks.append(_Level(resnets, attentions, "downsamplers", down))
+            self.down_blocks.append(Level(resnets, attentions, "downsamplers", down))
 
-        self.mid_block = _Level([resnet(widths[-1], widths[-1]) for _ in range(2)], [attention(widths[-1])])  # resnet, attn, resnet
+        self.mid_block = Level([resnet(widths[-1], widths[-1]) for _ in range(2)], [attention(widths[-1])])  # resnet, attn, resnet
 
         # Up path: level i works at width reversed(widths)[i]; resnet j takes the running features
         # concatenated with one skip. Skips pop in reverse push order: resnet outputs, then the
@@ -140,7 +124,7 @@ class UNet(nn.Module):
             resnets = [resnet((prev if j == 0 else cout) + (skip_next if j == n else cout), cout) for j in range(n + 1)]
             attentions = [attention(cout) for _ in range(n + 1)] if rev_attention[i] else []
             up = [Upsample2D(cout)] if i < L - 1 else []
-            self.up_blocks.append(_Level(resnets, attentions, "upsamplers", up))
+            self.up_blocks.append(Level(resnets, attentions, "upsamplers", up))
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=c.norm_eps)
         self.conv_act = nn.SiLU()

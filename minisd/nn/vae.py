@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from .attention import SelfAttention2d
 from .resnet import SD_VAE_NORM_EPS, Downsample2D, ResnetBlock2D, Upsample2D
-from .unet import _Level, count_parameters
+from .blocks import Level, count_parameters
 
 SD_SCALING_FACTOR = 0.18215  # SD v1's 1 / std of its VAE's latents, measured on its training images
 LOGVAR_RANGE = (-30.0, 20.0)  # SD clamps log σ² here so exp() never overflows or underflows
@@ -90,13 +90,13 @@ def _resnet(config: AutoencoderConfig, cin: int, cout: int) -> ResnetBlock2D:
     return ResnetBlock2D(cin, cout, None, config.norm_num_groups, SD_VAE_NORM_EPS)
 
 
-def _mid_block(config: AutoencoderConfig, channels: int) -> _Level:
+def _mid_block(config: AutoencoderConfig, channels: int) -> Level:
     """ResNet, one-head self-attention over all latent positions, ResNet: the only global mixing."""
     attention = SelfAttention2d(channels, groups=config.norm_num_groups, eps=SD_VAE_NORM_EPS)
-    return _Level([_resnet(config, channels, channels) for _ in range(2)], [attention])
+    return Level([_resnet(config, channels, channels) for _ in range(2)], [attention])
 
 
-def _run_mid(mid: _Level, h: torch.Tensor) -> torch.Tensor:
+def _run_mid(mid: Level, h: torch.Tensor) -> torch.Tensor:
     return mid.resnets[1](mid.attentions[0](mid.resnets[0](h)))
 
 
@@ -113,7 +113,7 @@ class Encoder(nn.Module):
             resnets = [_resnet(config, cin if j == 0 else cout, cout) for j in range(n)]
             # SD pads right/bottom only before its stride-2 conv (padding=0): keep that for its weights
             down = [Downsample2D(cout, padding=0)] if i < len(widths) - 1 else []
-            self.down_blocks.append(_Level(resnets, [], "downsamplers", down))
+            self.down_blocks.append(Level(resnets, [], "downsamplers", down))
         self.mid_block = _mid_block(config, widths[-1])
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, widths[-1], eps=SD_VAE_NORM_EPS)
         self.conv_act = nn.SiLU()
@@ -143,7 +143,7 @@ class Decoder(nn.Module):
             cin = rev[max(i - 1, 0)]
             resnets = [_resnet(config, cin if j == 0 else cout, cout) for j in range(n + 1)]
             up = [Upsample2D(cout)] if i < len(rev) - 1 else []
-            self.up_blocks.append(_Level(resnets, [], "upsamplers", up))
+            self.up_blocks.append(Level(resnets, [], "upsamplers", up))
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, rev[-1], eps=SD_VAE_NORM_EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(rev[-1], config.out_channels, kernel_size=3, padding=1)

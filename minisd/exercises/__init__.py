@@ -1,0 +1,13 @@
+"""Self-checks for the lessons' exercises: ``check_<name>(fn)`` after each exercise (see ``core``).
+
+One module per lesson; every check is re-exported here, so a notebook writes
+``from minisd import exercises`` and then ``fn = exercises.check_fn(fn)``.
+"""
+
+from .core import Case, ExerciseError, check
+from .lesson01 import *  # noqa: F401,F403  lesson 01: forward diffusion
+from .lesson02 import *  # noqa: F401,F403  lesson 02: noise schedules
+from .lesson03 import *  # noqa: F401,F403  lesson 03: pixel-space DDPM
+from .lesson04 import *  # noqa: F401,F403  lesson 04: samplers
+from .lesson05 import *  # noqa: F401,F403  lesson 05: the VAE
+from .lesson06 import *  # noqa: F401,F403  lesson 06: the compression factor
