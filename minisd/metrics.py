@@ -14,22 +14,19 @@ Images are NCHW tensors in [-1, 1]; the classifier takes 32×32, RGB or grey-sca
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from .config import get_device
+from .checkpoints import load_model
+from .config import ASSETS, get_device
 from .data import CHARACTERS, COLOURS
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "assets" / "checkpoints"
-DEFAULT_CLASSIFIER_PATH = CHECKPOINTS / "glyph_classifier.safetensors"  # trained by scripts/train_classifier.py
+DEFAULT_CLASSIFIER_PATH = ASSETS / "checkpoints" / "glyph_classifier.safetensors"  # trained by scripts/train_classifier.py
 IMAGE_SIZE = 32  # the classifier was trained on 32×32 glyphs only
 HEADS = ("char", "fg", "bg")  # what the classifier reads: character, ink colour, background colour
 
@@ -57,6 +54,11 @@ class GlyphClassifierConfig:
     num_characters: int = len(CHARACTERS)  # 36 classes, CHARACTERS order
     num_colours: int = len(COLOURS)  # 8 classes, COLOURS order
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "GlyphClassifierConfig":
+        """Inverse of ``dataclasses.asdict`` (lists, as JSON gives them, become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 class GlyphClassifier(nn.Module):
     """Reads a glyph's character, ink (fg) colour and background (bg) colour.
@@ -64,6 +66,8 @@ class GlyphClassifier(nn.Module):
     ``forward(x)`` returns logits ``{"char": (B, 36), "fg": (B, 8), "bg": (B, 8)}``;
     ``features(x)`` the penultimate (B, D) features that ``glyph_fid`` compares.
     """
+
+    config_class = GlyphClassifierConfig  # how checkpoints.load_model rebuilds the config from a header
 
     def __init__(self, config: GlyphClassifierConfig = GlyphClassifierConfig()):
         super().__init__()
@@ -105,22 +109,6 @@ def _check_images(arg: str, images, in_channels: int = 3) -> None:
                          f"{tuple(images.shape[-2:])}; resize with F.interpolate(images, size={IMAGE_SIZE}).")
 
 
-def _read_config(path: Path) -> GlyphClassifierConfig:
-    """The config stored in the safetensors metadata, else in the JSON card beside the file."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if "config" in metadata:
-        stored = json.loads(metadata["config"])
-    elif path.with_suffix(".json").is_file():
-        stored = json.loads(path.with_suffix(".json").read_text())["config"]
-    else:
-        return GlyphClassifierConfig()
-    known = {f.name for f in fields(GlyphClassifierConfig)}
-    if set(stored) - known:
-        raise ValueError(f"{path.name}: unknown config fields {sorted(set(stored) - known)}; allowed: {sorted(known)}.")
-    return GlyphClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-
-
 def load_glyph_classifier(path: str | Path = DEFAULT_CLASSIFIER_PATH,
                           device: str | torch.device | None = None) -> GlyphClassifier:
     """The trained classifier from a safetensors file (never unpickled), in eval mode on device."""
@@ -128,16 +116,7 @@ def load_glyph_classifier(path: str | Path = DEFAULT_CLASSIFIER_PATH,
     if not path.is_file():
         raise FileNotFoundError(f"no classifier weights at {path}; train them with "
                                 "`python scripts/train_classifier.py`.")
-    model = GlyphClassifier(_read_config(path))
-    state, expected = load_file(str(path)), model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                   for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(f"{path.name} does not match GlyphClassifier({model.config}): missing keys {missing}, "
-                         f"unexpected keys {unexpected}, shape mismatches {wrong_shape}.")
-    model.load_state_dict(state)
-    return model.to(get_device() if device is None else device).eval()
+    return load_model(GlyphClassifier, path, get_device() if device is None else device)
 
 
 # ----------------------------------------------------------------------------- prompt accuracy
@@ -362,3 +341,14 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
     if classifier is not None:
         out["rfid"] = glyph_fid(reconstructions, originals, classifier)
     return out
+
+
+@torch.no_grad()
+def recognisable_floor(classifier: GlyphClassifier | None = None, n: int = 1000, channels: int = 3,
+                       seed: int = 0) -> float:
+    """The share of non-glyphs that ``recognisable`` passes: images of uniform noise in [-1, 1],
+    (n, channels, 32, 32), drawn with ``seed``. A sample set scoring near this floor draws no glyphs."""
+    if n < 1 or channels not in (1, 3):
+        raise ValueError(f"n must be ≥ 1 and channels 1 (grey) or 3 (RGB), got n={n}, channels={channels}.")
+    noise = torch.rand(n, channels, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return recognisable(noise, classifier)[0].float().mean().item()

@@ -6,8 +6,10 @@ does the rest, each piece a few lines you can read:
 * AdamW (Loshchilov & Hutter 2019) with linear warm-up, then a constant or cosine learning rate;
 * optional gradient accumulation: k micro-batches of B give the gradient of one batch of k·B;
 * gradient clipping by global norm, and an EMA of the weights (sample from ``ema_model``);
-* seeded data order: step s draws its batch (and its noise) from a generator seeded by
-  (seed, s), so a resumed run sees exactly the batches the uninterrupted run would have seen;
+* seeded data order: step s draws its batch (and each micro-batch's noise seed) from a generator
+  seeded by (seed, s), so a resumed run sees exactly the batches the uninterrupted run would have seen;
+* an EMA whose decay warms up (``ema_decay_at``), so it never keeps the random initial weights;
+* data-parallel over several processes with DDP (``torchrun``), same steps as one process;
 * save / resume to **safetensors**: weights, EMA and optimizer state as tensors, step, configs
   and loss history as JSON in the file's header. Never pickle: a checkpoint cannot run code.
 
@@ -18,21 +20,22 @@ not bitwise, the same as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
+from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from .checkpoints import check_state_dict, model_config, read_metadata, read_tensors, save_tensors
 
 LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_FORMAT = "minisd.train/1"  # written to every checkpoint's header
 SEED_STRIDE = 1_000_000  # step s of seed k uses generator seed k·10⁶ + s: distinct for s < 10⁶
+EMA_WARMUP = 10  # decay_k = min(decay, (1 + k) / (EMA_WARMUP + k)): diffusers' EMAModel schedule
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch, torch.Generator], torch.Tensor]
@@ -85,9 +88,23 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * SEED_STRIDE + step) % 2**32)
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay of update number ``step`` (0 for the first): min(decay, (1 + k) / (10 + k)).
+
+    A fixed decay d keeps d^k of the random initial weights after k updates (22 % after 1500 steps at
+    d = 0.999). Warming the decay up as diffusers' ``EMAModel`` does (0.1 for the first update, 0.5
+    at k = 8, 0.9 at k = 81) forgets the start at once: after k updates its weight is
+    ∏ (1 + j) / (10 + j) = 1 / C(k + 9, 9), below 1e-6 by k = 20.
+    """
+    return min(decay, (1 + step) / (EMA_WARMUP + step))
+
+
 @torch.no_grad()
 def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """θ_ema ← decay · θ_ema + (1 - decay) · θ for every parameter; buffers are copied."""
+    """θ_ema ← decay · θ_ema + (1 - decay) · θ for every parameter; buffers are copied.
+
+    ``Trainer`` passes ``ema_decay_at(step, config.ema_decay)``, not the fixed decay.
+    """
     for p_ema, p in zip(ema_model.parameters(), model.parameters()):
         p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
     for b_ema, b in zip(ema_model.buffers(), model.buffers()):
@@ -105,62 +122,6 @@ def _num_items(data: Batch) -> int:
     raise TypeError(f"data must be a tensor (N, …) or a dict of such tensors, got {type(data).__name__}.")
 
 
-def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """ValueError naming missing, unexpected and wrongly shaped keys when ``state`` does not fit ``model``."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-    shapes = [f"{k}: model {expected[k]} vs file {got[k]}" for k in sorted(expected.keys() & got.keys()) if expected[k] != got[k]]
-    if missing or unexpected or shapes:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f", … ({len(items)} in all)" if len(items) > 5 else "")
-
-        problems = [f"{name}: {head(items)}" for name, items in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
-        raise ValueError(f"{source} does not fit this model (was it built with another config?). " + "; ".join(problems))
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The JSON metadata in a safetensors file's header, each value decoded."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-
-
-def _model_config(model: torch.nn.Module) -> dict | None:
-    config = getattr(model, "config", None)
-    return asdict(config) if config is not None and hasattr(config, "__dataclass_fields__") else None
-
-
-def _save_atomically(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:
-    """save_file to a temporary name, then rename: a crash mid-write never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
-
-
-def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-    """Weights only (e.g. EMA weights to ship), with the model's class and config in the header.
-
-    ``dtype=torch.float16`` halves the file; ``load_weights`` casts back to the model's dtype.
-    """
-    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-             for k, v in model.state_dict().items()}
-    header = {"model_class": type(model).__name__, "model_config": _model_config(model)}
-    _save_atomically(state, path, header | (metadata or {}))
-
-
-def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load a ``save_weights`` file into ``model``; ValueError naming the keys that do not fit."""
-    state = load_file(str(path))
-    check_state_dict(model, state, f"{path}")
-    model.load_state_dict(state)
-    return model
-
-
 class Trainer:
     """Trains ``model`` by minimising ``loss_fn(model, batch, generator)`` over random batches of ``data``.
 
@@ -170,6 +131,12 @@ class Trainer:
         loss_fn: ``(model, batch, generator) -> scalar``; ``batch`` is ``data`` indexed by a batch
             of indices (a tensor, or a dict of tensors); draw all randomness from ``generator``.
         data: a tensor (N, …) or a dict of tensors with the same N, e.g. {"image": …, "caption_index": …}.
+
+    Data-parallel: started under ``torchrun`` with a process group initialised
+    (``torch.distributed.init_process_group``), each of the W processes wraps the model in
+    ``DistributedDataParallel`` and takes every W-th micro-batch of the step; DDP averages the
+    gradients, so W processes with ``grad_accum_steps = A`` take the same steps as one process with
+    ``grad_accum_steps = A·W`` (global batch ``batch_size × A × W`` either way).
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, loss_fn: LossFn, data: Batch) -> None:
@@ -181,6 +148,11 @@ class Trainer:
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.step = 0  # optimizer steps taken
         self.history: list[float] = []  # mean loss of every step
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if distributed else 1
+        self.rank = dist.get_rank() if distributed else 0
+        # DDP broadcasts rank 0's weights at construction, so every process starts alike
+        self.train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
     def get_batch(self, indices: torch.Tensor) -> Batch:
         if isinstance(self.data, torch.Tensor):
@@ -188,22 +160,33 @@ class Trainer:
         return {k: v[indices].to(self.device) for k, v in self.data.items()}
 
     def compute_gradients(self, step: int) -> float:
-        """Fill ``.grad`` with the gradient of step ``step``'s batch; return its mean loss.
+        """Fill ``.grad`` with the gradient of step ``step``'s batch; return its mean loss (all processes).
 
-        The step draws batch_size × grad_accum_steps indices (with replacement) from its own
-        generator and splits them into micro-batches. Each micro-batch loss is divided by
-        grad_accum_steps, so the summed gradients are those of the mean loss over all of them.
+        The step's generator draws the global batch's indices (with replacement) and one seed per
+        micro-batch; micro-batch m's loss draws from its own generator, so the same micro-batch gets
+        the same noise whichever process runs it. Each loss is divided by the number of micro-batches,
+        so the summed (and, across processes, averaged) gradient is that of the mean loss.
         """
-        c = self.config
+        c, W = self.config, self.world_size
         generator = step_generator(c.seed, step)
-        indices = torch.randint(0, self.num_items, (c.batch_size * c.grad_accum_steps,), generator=generator)
+        micro_batches = c.grad_accum_steps * W
+        indices = torch.randint(0, self.num_items, (c.batch_size * micro_batches,), generator=generator)
+        seeds = torch.randint(0, 2**62, (micro_batches,), generator=generator)
+        mine = list(range(self.rank, micro_batches, W))  # this process's micro-batches
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in indices.split(c.batch_size):
-            loss = self.loss_fn(self.model, self.get_batch(micro), generator)
-            (loss / c.grad_accum_steps).backward()
-            total += loss.item()
-        return total / c.grad_accum_steps
+        total = torch.zeros((), dtype=torch.float64)
+        for n, m in enumerate(mine):
+            batch = self.get_batch(indices[m * c.batch_size:(m + 1) * c.batch_size])
+            micro_generator = torch.Generator().manual_seed(int(seeds[m]))
+            last = n == len(mine) - 1
+            sync = self.train_model.no_sync() if W > 1 and not last else _nullcontext()
+            with sync:  # DDP all-reduces the gradients once, after the last micro-batch
+                loss = self.loss_fn(self.train_model, batch, micro_generator)
+                (loss / c.grad_accum_steps).backward()  # DDP's average over W completes the 1 / (A·W)
+            total += loss.detach().double().cpu()
+        if W > 1:
+            dist.all_reduce(total)
+        return total.item() / micro_batches
 
     def train_step(self) -> float:
         """One optimizer step: gradients, clipping, AdamW at this step's learning rate, EMA."""
@@ -214,7 +197,7 @@ class Trainer:
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
-        ema_update(self.ema_model, self.model, self.config.ema_decay)
+        ema_update(self.ema_model, self.model, ema_decay_at(self.step, self.config.ema_decay))
         self.step += 1
         self.history.append(loss)
         return loss
@@ -223,7 +206,7 @@ class Trainer:
             callback: Callable[["Trainer"], None] | None = None) -> list[float]:
         """Train ``steps`` more steps (default: up to ``config.steps``); ``callback(trainer)`` after each."""
         steps = self.config.steps - self.step if steps is None else steps
-        bar = tqdm(range(steps), desc="training", disable=not progress)
+        bar = tqdm(range(steps), desc="training", disable=not progress or self.rank != 0)
         for _ in bar:
             loss = self.train_step()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(self.step - 1, self.config):.2e}")
@@ -240,16 +223,19 @@ class Trainer:
         for index, state in self.optimizer.state_dict()["state"].items():
             tensors |= {f"optimizer.{index}.{name}": v for name, v in state.items()}
         header = {"format": CHECKPOINT_FORMAT, "step": self.step, "train_config": asdict(self.config),
-                  "model_config": _model_config(self.model), "history": self.history, **(metadata or {})}
-        _save_atomically(tensors, path, header)
+                  "model_class": type(self.model).__name__, "model_config": model_config(self.model),
+                  "history": self.history, **(metadata or {})}
+        save_tensors(tensors, path, header)
 
     def load(self, path: str | Path) -> "Trainer":
         """Restore model, EMA, optimizer state, step and history from ``save``'s file."""
         meta = read_metadata(path)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a Trainer checkpoint (format {meta.get('format')!r}, "
-                             f"expected {CHECKPOINT_FORMAT!r}); weights-only files load with load_weights.")
-        tensors = load_file(str(path))  # on the CPU; load_state_dict moves them to the model's device
+                             f"expected {CHECKPOINT_FORMAT!r}); weights-only files load with checkpoints.load_model.")
+        if meta.get("model_class", type(self.model).__name__) != type(self.model).__name__:
+            raise ValueError(f"{path} holds a {meta['model_class']} run, not a {type(self.model).__name__} run.")
+        tensors = read_tensors(path)  # on the CPU; load_state_dict moves them to the model's device
         parts: dict[str, dict] = {"model": {}, "ema": {}, "optimizer": {}}
         for key, value in tensors.items():
             part, rest = key.split(".", 1)

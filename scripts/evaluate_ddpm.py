@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minisd import data, metrics, samplers  # noqa: E402
+from minisd.checkpoints import card_path, write_card  # noqa: E402
 from minisd.nn import UNet  # noqa: E402
 from minisd.schedules import NoiseSchedule  # noqa: E402
 
@@ -57,10 +58,8 @@ def main() -> None:
         "sampling_seconds": round(seconds, 1),
         "command": "python scripts/evaluate_ddpm.py " + shlex.join(sys.argv[1:]),
     }
-    card_path = Path(args.checkpoint).with_suffix(".json")
-    card = json.loads(card_path.read_text())
-    card["metrics"] = figures
-    card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    card = json.loads(card_path(args.checkpoint).read_text())
+    write_card(args.checkpoint, card | {"metrics": figures})
     print(json.dumps(figures, indent=2))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shlex
 import sys
@@ -30,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from minisd.data import HELD_OUT_PHOTOS, GlyphDataset, autoencoder_images, photo_patches  # noqa: E402
 from minisd.metrics import load_glyph_classifier, reconstruction_metrics  # noqa: E402
-from minisd.nn.vae import (AutoencoderConfig, AutoencoderKL, VQModel, kl_vae_loss,  # noqa: E402
-                           scaling_factor_from_latents, vq_loss)
-from minisd.train import Trainer, TrainConfig, load_weights, read_metadata, save_weights  # noqa: E402
+from minisd.checkpoints import load_weights, read_metadata, save_model, write_card  # noqa: E402
+from minisd.nn.vae import AutoencoderConfig, AutoencoderKL, kl_vae_loss, scaling_factor_from_latents  # noqa: E402
+from minisd.nn.vq import VQModel, vq_loss  # noqa: E402
+from minisd.train import Trainer, TrainConfig  # noqa: E402
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 EVAL_GLYPH_SEED, EVAL_PHOTO_SEED, NUM_EVAL = 10_001, 10_002, 1000
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.export:
         return
     path = Path(args.export)
-    save_weights(ema, path, {"step": trainer.step}, dtype=torch.float16 if args.fp16 else None)
+    save_model(ema, path, {"step": trainer.step}, dtype=torch.float16 if args.fp16 else None)
     card = {
         "name": path.stem,
         "description": f"{type(ema).__name__} (f = {config.downsample_factor}, latents {config.latent_shape} for 32×32 RGB), "
@@ -220,10 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                                   f"{NUM_EVAL} patches of {list(HELD_OUT_PHOTOS)} (seed {EVAL_PHOTO_SEED}); "
                                   "latents: posterior mean (KL) or codebook (VQ); rfid = glyph_fid(reconstructions, originals)",
                     **metrics},
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "size_bytes": path.stat().st_size,
     }
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    write_card(path, card)
     print(f"[{args.name}] wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and its card, wall {wall / 60:.1f} min",
           flush=True)
 

@@ -14,7 +14,6 @@ JSON card beside it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -26,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing minisd
 
+from minisd.checkpoints import save_model, write_card  # noqa: E402
 from minisd.config import seed_everything  # noqa: E402
 from minisd.data import COLOURS, GlyphDataset  # noqa: E402
 from minisd.metrics import HEADS, GlyphClassifier, GlyphClassifierConfig  # noqa: E402
@@ -133,8 +132,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / "glyph_classifier.safetensors"
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # channels_last -> plain layout
-    save_file(state, str(weights), metadata={"config": json.dumps(asdict(config))})
+    save_model(model, weights)  # class and config in the header (save_tensors makes tensors contiguous)
     card = {
         "model": "minisd.metrics.GlyphClassifier",
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -158,9 +156,8 @@ def main() -> None:
         "torch": torch.__version__,
         "command": shlex.join(["python", "scripts/train_classifier.py", *sys.argv[1:]]),
         "metrics": metrics,
-        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
     }
-    (args.out / "glyph_classifier.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(weights, card)
     print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) in {wall_time / 60:.1f} min of training")
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import platform
 import shlex
 import sys
@@ -35,7 +33,8 @@ from minisd.data import GlyphDataset  # noqa: E402
 from minisd.diffusion import ddpm_loss  # noqa: E402
 from minisd.nn import UNet, UNetConfig  # noqa: E402
 from minisd.schedules import DDPM_BETA_END, DDPM_BETA_START, NoiseSchedule  # noqa: E402
-from minisd.train import Trainer, TrainConfig, read_metadata, save_weights  # noqa: E402
+from minisd.checkpoints import read_metadata, save_model, write_card  # noqa: E402
+from minisd.train import Trainer, TrainConfig  # noqa: E402
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 DEFAULT_STEPS = 4500  # ≈ 70-80 min at ~1 s/step on one busy CPU core
@@ -229,8 +228,7 @@ def load_ema(run_dir: Path, weights: str = "ema") -> tuple[UNet, dict]:
 def export(args: argparse.Namespace, argv: list[str]) -> None:
     ema, meta = load_ema(Path(args.run_dir))
     path = Path(args.export)
-    save_weights(ema, path, {"step": meta["step"], "schedule": repr(SCHEDULE)})
-    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    save_model(ema, path, {"step": meta["step"], "schedule": repr(SCHEDULE)})
     history = meta["history"]
     card = {
         "name": path.stem,
@@ -249,13 +247,10 @@ def export(args: argparse.Namespace, argv: list[str]) -> None:
         "wall_time_s": round(meta["wall_time_s"], 1),
         "device": meta["device"],
         "torch": meta["torch"],
-        "sha256": sha256,
-        "size_bytes": path.stat().st_size,
         "metrics": None,  # filled in by the evaluation step (minisd.metrics)
     }
-    card_path = path.with_suffix(".json")
-    card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {sha256[:12]}…) and {card_path}")
+    card = write_card(path, card)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {card['sha256'][:12]}…) and its card")
 
 
 def main(argv: list[str] | None = None) -> None:

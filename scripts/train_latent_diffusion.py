@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import shlex
@@ -36,7 +35,8 @@ from minisd.nn import UNet, UNetConfig  # noqa: E402
 from minisd.nn.vae import AutoencoderKL  # noqa: E402
 from minisd.samplers import sample  # noqa: E402
 from minisd.schedules import NoiseSchedule  # noqa: E402
-from minisd.train import Trainer, TrainConfig, save_weights  # noqa: E402
+from minisd.checkpoints import save_model, sha256, write_card  # noqa: E402
+from minisd.train import Trainer, TrainConfig  # noqa: E402
 
 UNET_WIDTHS = (32, 64, 64)  # the pixel DDPM's widths (lesson 03), for every f
 SCHEDULE = NoiseSchedule.stable_diffusion()  # scaled-linear β, 0.00085 → 0.012, T = 1000
@@ -161,14 +161,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     path = Path(args.export)
     ema = trainer.ema_model
-    save_weights(ema, path, {"step": trainer.step, "autoencoder": Path(args.autoencoder).name},
+    save_model(ema, path, {"step": trainer.step, "autoencoder": Path(args.autoencoder).name},
                  dtype=torch.float16 if args.fp16 else None)
     card = {
         "name": path.stem,
         "description": f"Unconditional latent diffusion (ε-prediction) on RGB glyph latents of {Path(args.autoencoder).name} "
                        f"(f = {vae.config.downsample_factor}, latents {vae.config.latent_shape}); EMA weights of minisd.nn.UNet.",
         "autoencoder": {"file": Path(args.autoencoder).name, "scaling_factor": vae.config.scaling_factor,
-                        "sha256": hashlib.sha256(Path(args.autoencoder).read_bytes()).hexdigest()},
+                        "sha256": sha256(args.autoencoder)},
         "model_config": dataclasses.asdict(ema.config),
         "num_parameters": ema.num_parameters,
         "schedule": {"num_train_timesteps": 1000, "beta_start": SCHEDULE.betas[0].item(), "beta_end": SCHEDULE.betas[-1].item(),
@@ -187,10 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "weights_dtype": "float16" if args.fp16 else "float32",
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "size_bytes": path.stat().st_size,
     }
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    write_card(path, card)
     print(f"[{name}] wrote {path} ({path.stat().st_size / 1e6:.2f} MB) and its card", flush=True)
 
 

@@ -14,8 +14,14 @@ def test_device_override_and_bad_values(monkeypatch):
     monkeypatch.setenv("MINISD_DEVICE", "tpu")
     with pytest.raises(ValueError, match=r"MINISD_DEVICE='tpu'.*\('cpu', 'cuda', 'mps'\)"):
         config.get_device()
-    monkeypatch.delenv("MINISD_DEVICE")
-    assert config.get_device().type == ("cuda" if torch.cuda.is_available() else config.get_device().type)
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_unset_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.delenv("MINISD_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert config.get_device() == torch.device(expected)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -4,15 +4,16 @@ closed form (and skimage's SSIM), and bad input or a mismatched checkpoint fails
 import hashlib
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from skimage.metrics import structural_similarity
 
+from minisd.checkpoints import save_tensors
 from minisd.data import GlyphDataset
 from minisd.metrics import (
     DEFAULT_CLASSIFIER_PATH, GlyphClassifier, GlyphClassifierConfig, frechet_distance,
@@ -94,18 +95,18 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, classifier):
     state["fg_head.weight"] = torch.zeros(5, 64)
     state["extra.weight"] = torch.zeros(1)
     path = tmp_path / "broken.safetensors"
-    save_file(state, str(path))
+    save_tensors(state, path, {"model_class": "GlyphClassifier", "model_config": asdict(classifier.config)})
     with pytest.raises(ValueError, match=r"char_head\.bias.*extra\.weight.*fg_head\.weight.*\(5, 64\)"):
         load_glyph_classifier(path, device="cpu")
 
 
 def test_config_in_metadata_must_match_weights(tmp_path, classifier):
     path = tmp_path / "wrong_config.safetensors"
-    config = json.dumps({"feature_dim": 32})
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(path), {"config": config})
-    with pytest.raises(ValueError, match=r"neck\.0\.weight: file \(64, 1536\) vs model \(32, 1536\)"):
+    header = {"model_class": "GlyphClassifier", "model_config": asdict(classifier.config) | {"feature_dim": 32}}
+    save_tensors(classifier.state_dict(), path, header)
+    with pytest.raises(ValueError, match=r"neck\.0\.weight: model \(32, 1536\) vs file \(64, 1536\)"):
         load_glyph_classifier(path, device="cpu")
-    save_file({"x": torch.zeros(1)}, str(path), {"config": json.dumps({"width": 3})})
+    save_tensors({"x": torch.zeros(1)}, path, {"model_class": "GlyphClassifier", "model_config": {"width": 3}})
     with pytest.raises(ValueError, match="unknown config fields.*width"):
         load_glyph_classifier(path, device="cpu")
     with pytest.raises(FileNotFoundError, match="train_classifier"):

@@ -11,9 +11,8 @@ from safetensors import safe_open
 from minisd.diffusion import ddpm_loss
 from minisd.nn import UNet, UNetConfig
 from minisd.schedules import NoiseSchedule
-from minisd.train import (
-    Trainer, TrainConfig, ema_update, load_weights, lr_at, plot_loss, read_metadata, save_weights,
-)
+from minisd.checkpoints import load_weights, save_model
+from minisd.train import Trainer, TrainConfig, ema_decay_at, ema_update, lr_at, plot_loss, read_metadata
 
 matplotlib.use("Agg")
 
@@ -158,13 +157,31 @@ def test_ema_update_formula():
         torch.testing.assert_close(p_ema, 0.9 * old + 0.1 * p.detach(), rtol=0, atol=1e-7)
 
 
-def test_trainer_ema_follows_the_model_after_one_step():
+def test_trainer_ema_warms_up_after_one_step():
+    # diffusers' EMAModel: the first update uses decay min(0.99, (1 + 0) / (10 + 0)) = 0.1
     config = TrainConfig(batch_size=8, ema_decay=0.99)
     trainer = Trainer(linear_model(), config, regression_loss_fn, regression_data())
     start = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train_step()
     for p_ema, p0, p in zip(trainer.ema_model.parameters(), start, trainer.model.parameters()):
-        torch.testing.assert_close(p_ema, 0.99 * p0 + 0.01 * p.detach(), rtol=0, atol=1e-7)
+        torch.testing.assert_close(p_ema, 0.1 * p0 + 0.9 * p.detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("updates", [1, 20, 1500])
+def test_ema_forgets_the_random_start_when_weights_jump_to_a_constant(updates):
+    # Weights jump from 0 to 1 and stay: after k updates the EMA holds ∏_{j<k} d_j of the start.
+    # With d_j = min(0.999, (1 + j) / (10 + j)) that product is 1 / C(k + 9, 9) for k ≤ 8990
+    # (a fixed 0.999 would keep 0.999^k: 22 % at k = 1500).
+    import math
+
+    ema, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(ema.weight)
+    torch.nn.init.ones_(model.weight)
+    for step in range(updates):
+        ema_update(ema, model, ema_decay_at(step, 0.999))
+    expected = 1.0 - 1.0 / math.comb(updates + 9, 9)
+    assert ema.weight.item() == pytest.approx(expected, abs=1e-6)
+    assert ema_decay_at(10_000, 0.999) == 0.999  # the cap: late in training the decay is the configured one
 
 
 def test_same_seed_same_run_other_seed_other_run():
@@ -217,7 +234,7 @@ def test_loading_into_a_model_with_another_config_names_the_mismatch(tmp_path):
 def test_weights_only_file_round_trips_and_is_not_a_trainer_checkpoint(tmp_path):
     trainer = unet_trainer(TrainConfig(steps=1, batch_size=4))
     path = tmp_path / "ema.safetensors"
-    save_weights(trainer.ema_model, path, {"step": 1})
+    save_model(trainer.ema_model, path, {"step": 1})
     model = load_weights(UNet(TINY_UNET), path)
     for a, b in zip(model.state_dict().values(), trainer.ema_model.state_dict().values()):
         assert torch.equal(a, b)
@@ -237,3 +254,40 @@ def test_bad_inputs_raise_clear_errors():
 def test_plot_loss_draws_raw_and_smoothed_curves():
     ax = plot_loss([1.0 / (i + 1) for i in range(50)])
     assert len(ax.get_lines()) == 2
+
+
+# ----------------------------------------------------------------------------- data-parallel
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        config = TrainConfig(steps=4, batch_size=4, grad_accum_steps=1, lr=2e-3, warmup_steps=2, seed=7)
+        trainer = unet_trainer(config)
+        trainer.fit(progress=False)
+        if rank == 0:
+            torch.save({"model": trainer.model.state_dict(), "history": trainer.history}, f"{out_dir}/ddp.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_take_the_same_steps_as_one_with_the_same_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)  # our own file, tensors only
+
+    # one process, 2 micro-batches of 4: the same global batch of 8 per step
+    single = unet_trainer(TrainConfig(steps=4, batch_size=4, grad_accum_steps=2, lr=2e-3, warmup_steps=2, seed=7))
+    single.fit(progress=False)
+    assert ddp["history"] == pytest.approx(single.history, rel=1e-5)
+    for key, value in single.model.state_dict().items():  # only summation order differs: float32 rounding
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5, msg=f"{key} differs")

@@ -5,11 +5,9 @@ import pytest
 import torch
 
 import diffusers  # noqa: F401  (a test extra: the parity tests need it)
-from minisd.nn.vae import (
-    AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution, VectorQuantizer, VQModel, kl_vae_loss,
-    scaling_factor_from_latents, vq_loss,
-)
-from minisd.train import save_weights
+from minisd.checkpoints import load_weights, save_model
+from minisd.nn.vae import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution, kl_vae_loss, scaling_factor_from_latents
+from minisd.nn.vq import VectorQuantizer, VQModel, vq_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -126,10 +124,20 @@ def test_vector_quantizer_picks_the_nearest_code_and_passes_gradients_straight_t
     assert loss.item() == pytest.approx((1 + 0.25) * squared.item(), rel=1e-5)
 
 
-def test_vq_loss_reports_codebook_usage():
+def test_vq_loss_reports_codebook_usage_as_the_share_of_codes_used():
     model = _seeded_(VQModel(AutoencoderConfig(**{**TINY.to_dict(), "num_vq_embeddings": 16})))
-    loss, parts = vq_loss(model, torch.rand(2, 3, 16, 16) * 2 - 1)
-    assert loss.ndim == 0 and 0 < parts["codebook_usage"] <= 1 and parts["vq"] >= 0
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z_e = model.encode(x)  # (2, c, 8, 8)
+        codes = torch.cdist(z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1]), model.quantize.embedding.weight).argmin(1)
+    _, parts = vq_loss(model, x)
+    assert parts["codebook_usage"] == codes.unique().numel() / 16
+    with torch.no_grad():  # every entry but one pushed far away: a single code is used
+        model.quantize.embedding.weight[1:] = 1e4
+        model.quantize.embedding.weight[0] = 0.0
+    _, parts = vq_loss(model, x)
+    assert parts["codebook_usage"] == 1 / 16
+    assert parts["vq"] == pytest.approx(1.25 * z_e.pow(2).mean().item(), rel=1e-4)  # (1 + β) ‖z_e − 0‖²
 
 
 def test_training_a_few_steps_lowers_the_reconstruction_loss():
@@ -155,7 +163,7 @@ def test_training_a_few_steps_lowers_the_reconstruction_loss():
 def test_from_pretrained_round_trips_in_float16(tmp_path, cls):
     model = _seeded_(cls(TINY)).eval()
     path = tmp_path / "ae.safetensors"
-    save_weights(model, path, dtype=torch.float16)
+    save_model(model, path, dtype=torch.float16)
     loaded = cls.from_pretrained(path)
     assert loaded.config == TINY and next(loaded.parameters()).dtype == torch.float32
     x = torch.rand(1, 3, 16, 16) * 2 - 1
@@ -164,10 +172,9 @@ def test_from_pretrained_round_trips_in_float16(tmp_path, cls):
 
 def test_from_pretrained_refuses_the_other_class_and_mismatched_weights(tmp_path):
     path = tmp_path / "kl.safetensors"
-    save_weights(AutoencoderKL(TINY), path)
+    save_model(AutoencoderKL(TINY), path)
     with pytest.raises(ValueError, match="holds a AutoencoderKL, not a VQModel"):
         VQModel.from_pretrained(path)
-    from minisd.train import load_weights
     with pytest.raises(ValueError, match="does not fit"):
         load_weights(AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 8), norm_num_groups=8, sample_size=16)), path)
 

@@ -12,7 +12,7 @@ Two ways to keep the latent space tame (§3, "Perceptual Image Compression"):
 * **KL-reg** (``AutoencoderKL``, what SD ships): the encoder outputs the mean and log-variance of
   a diagonal Gaussian q(z|x) (``double_z``); training adds a small KL(q(z|x) ‖ N(0, I)) penalty
   (SD: weight 1e-6), so latents stay near unit scale without losing detail.
-* **VQ-reg** (``VQModel``): latents snap to the nearest vector of a learned codebook (van den
+* **VQ-reg** (``VQModel``, in ``vq.py``): latents snap to the nearest vector of a learned codebook (van den
   Oord et al. 2017), trained with a straight-through gradient and a commitment loss.
 
 Module names and shapes are diffusers' ``AutoencoderKL`` / ``VQModel``, so SD's VAE weights load
@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from .attention import SelfAttention2d
 from .resnet import SD_VAE_NORM_EPS, Downsample2D, ResnetBlock2D, Upsample2D
+from ..checkpoints import load_model
 from .blocks import Level, count_parameters
 
 SD_SCALING_FACTOR = 0.18215  # SD v1's 1 / std of its VAE's latents, measured on its training images
@@ -169,7 +170,10 @@ class DiagonalGaussianDistribution:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = μ + σ ⊙ ε, ε ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014, eq. 10)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=generator.device if generator else None)
+        # drawn on the generator's device (a CPU generator gives the same z on every device), in the
+        # latents' dtype so that a float16/bfloat16 VAE stays in that dtype
+        device = generator.device if generator is not None else self.mean.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
         return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
@@ -181,9 +185,10 @@ class DiagonalGaussianDistribution:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).flatten(1).sum(1)
 
 
-class _Autoencoder(nn.Module):
+class AutoencoderBase(nn.Module):
     """What both autoencoders share: config checks, the scaled-latent helpers and ``from_pretrained``."""
 
+    config_class = AutoencoderConfig  # how checkpoints.load_model rebuilds the config from a header
     config: AutoencoderConfig
 
     def _check_images(self, x: torch.Tensor) -> None:
@@ -214,20 +219,13 @@ class _Autoencoder(nn.Module):
     def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None):
         """Build from a shipped safetensors file: config from its header, then the weights.
 
-        Half-precision files (the course ships some as float16) load into float32 models.
+        Half-precision files (the course ships some as float16) load into float32 models; a file
+        that holds another model class, or that does not match its card, raises a ValueError.
         """
-        from ..train import load_weights, read_metadata
-
-        meta = read_metadata(path)
-        if meta.get("model_class", cls.__name__) != cls.__name__:
-            raise ValueError(f"{path} holds a {meta['model_class']}, not a {cls.__name__}; load it with that class.")
-        if not meta.get("model_config"):
-            raise ValueError(f"{path} has no model_config in its header; was it written by minisd.train.save_weights?")
-        model = load_weights(cls(AutoencoderConfig.from_dict(meta["model_config"])), path)
-        return model.to(device or "cpu").eval()
+        return load_model(cls, path, device)
 
 
-class AutoencoderKL(_Autoencoder):
+class AutoencoderKL(AutoencoderBase):
     """The KL-regularised VAE of Stable Diffusion (module docstring)."""
 
     def __init__(self, config: AutoencoderConfig = AutoencoderConfig()) -> None:
@@ -288,85 +286,17 @@ def kl_vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float = 1e-
     return loss, {"l1": rec.item(), "kl": kl.item()}
 
 
-class VectorQuantizer(nn.Module):
-    """Snap each latent vector to its nearest codebook entry (van den Oord et al. 2017, §3.1, eq. 1–3).
-
-    Forward returns z_q with a straight-through gradient (the decoder's gradient is copied to the
-    encoder as if quantisation were the identity) and the loss
-        ‖sg[z_e] − e‖²  +  β ‖z_e − sg[e]‖²      (eq. 3: codebook term, then commitment term)
-    """
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, beta: float = 0.25) -> None:
-        super().__init__()
-        self.beta = beta  # the paper's β: 0.25 works over a wide range (§4.1)
-        self.embedding = nn.Embedding(num_embeddings, embedding_dim)
-        self.embedding.weight.data.uniform_(-1.0 / num_embeddings, 1.0 / num_embeddings)
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z (B, c, h, w) → (z_q (B, c, h, w), loss (), codes (B, h, w) int64)."""
-        B, c, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # (B·h·w, c): one vector per latent position
-        codes = torch.cdist(flat, self.embedding.weight).argmin(dim=1)  # nearest entry (eq. 1)
-        z_q = self.embedding(codes).reshape(B, h, w, c).permute(0, 3, 1, 2)  # (B, c, h, w)
-        loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
-        z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, backward is identity
-        return z_q, loss, codes.reshape(B, h, w)
-
-
-class VQModel(_Autoencoder):
-    """The VQ-regularised autoencoder of LDM (its "VQ-f4" etc.): encoder, codebook, decoder."""
-
-    def __init__(self, config: AutoencoderConfig = AutoencoderConfig()) -> None:
-        super().__init__()
-        self.config = config
-        c = config.latent_channels
-        self.encoder = Encoder(config, c)  # no double_z: one vector per position
-        self.quant_conv = nn.Conv2d(c, c, kernel_size=1)
-        self.quantize = VectorQuantizer(config.num_vq_embeddings, c)
-        self.post_quant_conv = nn.Conv2d(c, c, kernel_size=1)
-        self.decoder = Decoder(config)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x → the continuous latents z_e, (B, c, H/f, W/f), before quantisation (as diffusers' VQModel)."""
-        self._check_images(x)
-        return self.quant_conv(self.encoder(x))
-
-    def decode(self, z: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
-        """z → x̂, quantising z first unless ``force_not_quantize`` (for latents already on the codebook)."""
-        self._check_latents(z)
-        if not force_not_quantize:
-            z, _, _ = self.quantize(z)
-        return self.decoder(self.post_quant_conv(z))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x → (x̂, VQ loss, codes (B, h, w))."""
-        z_q, vq_loss, codes = self.quantize(self.encode(x))
-        return self.decoder(self.post_quant_conv(z_q)), vq_loss, codes
-
-    @torch.no_grad()
-    def encode_latents(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                       sample_posterior: bool = False) -> torch.Tensor:
-        """Images → quantised latents × scaling_factor (same signature as AutoencoderKL's)."""
-        z_q, _, _ = self.quantize(self.encode(images))
-        return z_q * self.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents → images in [-1, 1]; sampled latents are quantised first."""
-        return self.decode(latents / self.config.scaling_factor).clamp(-1.0, 1.0)
-
-
-def vq_loss(vae: VQModel, images: torch.Tensor, generator: torch.Generator | None = None
-            ) -> tuple[torch.Tensor, dict[str, float]]:
-    """VQ-VAE's objective (eq. 3) with an L1 reconstruction term, to compare with ``kl_vae_loss``."""
-    reconstruction, quant_loss, codes = vae(images)
-    rec = (images - reconstruction).abs().mean()
-    used = codes.unique().numel() / vae.config.num_vq_embeddings
-    return rec + quant_loss, {"l1": rec.item(), "vq": quant_loss.item(), "codebook_usage": used}
-
-
 def scaling_factor_from_latents(latents: torch.Tensor) -> float:
     """1 / std of unscaled latents: how LDM rescaled KL latents, with σ̂ from its first batch (SD: 0.18215)."""
     if latents.numel() < 2:
         raise ValueError("latents needs at least 2 numbers to measure a standard deviation.")
     return 1.0 / latents.float().std().item()
+
+
+def __getattr__(name: str):
+    """Until every notebook imports them from ``vq``: the VQ names moved to ``minisd.nn.vq``."""
+    if name in ("VQModel", "VectorQuantizer", "vq_loss"):
+        from . import vq
+
+        return getattr(vq, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
