@@ -23,7 +23,10 @@ _FALSE = ("", "0", "false", "no", "off")
 
 T = TypeVar("T")
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"  # shipped checkpoints, figures, sample images
+_INSTALLED_ASSETS = Path(__file__).resolve().parent / "assets"  # a wheel installs assets/ as minisd/assets
+_CHECKOUT_ASSETS = Path(__file__).resolve().parents[1] / "assets"  # a clone: assets/ beside minisd/
+# shipped checkpoints, figures, sample images: wherever this copy of minisd was installed from
+ASSETS = _INSTALLED_ASSETS if _INSTALLED_ASSETS.is_dir() else _CHECKOUT_ASSETS
 
 
 def get_device() -> torch.device:

@@ -32,7 +32,8 @@ SIGMA_SPACE_SAMPLERS = ("euler", "euler_ancestral", "heun")  # their state is x�
 SD_SET_ALPHA_TO_ONE = False  # SD v1 scheduler config: DDIM's last step lands on ᾱ_0, not on ᾱ = 1
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, …), t (B,) long) -> ε̂ (B, …)
-Callback = Callable[[int, int, torch.Tensor], None]  # (step index i, timestep t, x after the step)
+# (step index i, timestep t, x after the step on the DDPM scale) -> None, or a replacement for x
+Callback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 
 
 # --- DDPM and DDIM: steps on the DDPM scale, between training timesteps t -> t_prev ---------------
@@ -319,8 +320,12 @@ def sample(
         sampler: one of ``SAMPLERS``. eta: DDIM's η (``sampler="ddim"`` only).
         generator: CPU generator for all noise drawn (ddpm, ddim with η > 0, euler_ancestral).
         timestep_spacing, steps_offset: the timesteps, as ``NoiseSchedule.inference_timesteps`` (SD: leading, 1).
-        callback: called as callback(i, t, x) after step i at timestep t; x is always on the DDPM scale
-            (σ-space states are divided by √(σ² + 1)) so that all samplers' trajectories compare.
+        callback: called as ``callback(i, t, x)`` after step i (taken at timestep t = timesteps[i]). x is
+            the new state on the DDPM scale, at timestep timesteps[i + 1] (after the last step: the
+            result); σ-space states are divided by √(σ² + 1) so all samplers' trajectories compare.
+            **It may return a replacement for x**, on the same DDPM scale and at the same timestep
+            (None keeps x): the sampler carries on from it, rescaled to its own coordinates. This is how
+            inpainting pastes the re-noised known region back at every step (Blended Latent Diffusion).
         progress: show a tqdm bar over the steps.
     """
     _check_sample_args("x_T", x_T, sampler, eta, steps_offset, generator)
@@ -363,8 +368,20 @@ def sample(
             x = dpmpp_2m_step(x, x0_pred, x0_pred_prev, sigma_prev, sigmas[i], sigmas[i + 1])
             x0_pred_prev = x0_pred
         if callback is not None:
-            callback(i, t, x / (sigmas[i + 1] ** 2 + 1) ** 0.5 if sigma_space else x)
+            x = _apply_callback(callback, i, t, x, (sigmas[i + 1] ** 2 + 1) ** 0.5 if sigma_space else None)
     return x
+
+
+def _apply_callback(callback: Callback, i: int, t: int, x: torch.Tensor, sigma_scale: torch.Tensor | None) -> torch.Tensor:
+    """Show the callback x on the DDPM scale; take back its replacement, if any, in the sampler's coordinates."""
+    replacement = callback(i, t, x / sigma_scale if sigma_scale is not None else x)
+    if replacement is None:
+        return x
+    if not isinstance(replacement, torch.Tensor) or replacement.shape != x.shape:
+        got = tuple(replacement.shape) if isinstance(replacement, torch.Tensor) else type(replacement).__name__
+        raise ValueError(f"callback must return None or a replacement for x with shape {tuple(x.shape)}, got {got}.")
+    replacement = replacement.to(device=x.device, dtype=x.dtype)
+    return replacement * sigma_scale if sigma_scale is not None else replacement
 
 
 @torch.no_grad()

@@ -8,15 +8,6 @@ float32 rounding compounded over the steps should another kernel or diffusers ve
 
 import pytest
 import torch
-from diffusers import (
-    DDIMInverseScheduler,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-)
 
 from minisd.samplers import (
     SAMPLERS,
@@ -47,7 +38,14 @@ def noise(seed: int = 0, shape=SHAPE) -> torch.Tensor:
 
 
 def diffusers_scheduler(sampler: str, spacing: str):
-    """The diffusers scheduler for ``sampler`` with SD's config (clip_sample=False, set_alpha_to_one=False)."""
+    """The diffusers scheduler for ``sampler`` with SD's config (clip_sample=False, set_alpha_to_one=False).
+
+    diffusers is a test extra: a parity test that calls this skips without it; the others still run."""
+    diffusers = pytest.importorskip("diffusers")
+    DDPMScheduler, DDIMScheduler = diffusers.DDPMScheduler, diffusers.DDIMScheduler
+    DPMSolverMultistepScheduler = diffusers.DPMSolverMultistepScheduler
+    EulerDiscreteScheduler, HeunDiscreteScheduler = diffusers.EulerDiscreteScheduler, diffusers.HeunDiscreteScheduler
+    EulerAncestralDiscreteScheduler = diffusers.EulerAncestralDiscreteScheduler
     config = dict(SD_CONFIG, timestep_spacing=spacing, steps_offset=1)
     if sampler == "ddpm":
         return DDPMScheduler(**config, clip_sample=False)
@@ -129,7 +127,7 @@ def test_ddim_inversion_matches_diffusers_inverse_scheduler():
     x0 = noise(3).clamp(-1, 1)
     ours = []
     ddim_invert(toy_model, x0, SCHEDULE, 10, callback=lambda i, t, x: ours.append(x), progress=False)
-    inverse = DDIMInverseScheduler(**SD_CONFIG, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    inverse = pytest.importorskip("diffusers").DDIMInverseScheduler(**SD_CONFIG, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     inverse.set_timesteps(10)
     assert len(ours) == len(inverse.timesteps) == 10
     x = x0
@@ -318,3 +316,34 @@ def test_step_function_errors():
         count_model_evaluations("heun", 10, start_step=10)
     with pytest.raises(ValueError, match=r"generator must be None or a CPU torch.Generator"):
         sample(toy_model, x, SCHEDULE, "ddpm", 10, generator=0, progress=False)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_callback_can_replace_the_state_on_every_sampler(sampler):
+    """Inpainting's hook: return add_noise(x0, ε, t_next) after each step; the sampler must carry on
+    from exactly that (σ-space samplers rescale it) and end on x0 itself."""
+    x0, eps = noise(1).clamp(-1, 1), noise(2)
+    n = 8
+    timesteps = SCHEDULE.inference_timesteps(n, "leading", 1)
+    calls = []
+
+    def model(x, t):
+        calls.append((int(t[0]), x.clone()))
+        return toy_model(x, t)
+
+    def paste_back(i, t, x):
+        assert x.shape == x0.shape
+        return SCHEDULE.add_noise(x0, eps, timesteps[i + 1].expand(x0.shape[0])) if i + 1 < n else x0
+
+    out = sample(model, noise(3), SCHEDULE, sampler, n, generator=torch.Generator().manual_seed(0),
+                 callback=paste_back, progress=False)
+    torch.testing.assert_close(out, x0, rtol=0, atol=0)
+    for i in range(1, n):  # the model's (last) input at timesteps[i] is the pasted state (Heun also evaluates x̃ there)
+        seen = [x for t, x in calls if t == int(timesteps[i])][-1]
+        expected = SCHEDULE.add_noise(x0, eps, timesteps[i].expand(x0.shape[0]))
+        torch.testing.assert_close(seen, expected, atol=1e-5, rtol=1e-5, msg=f"{sampler}, step {i}")
+
+
+def test_a_callback_returning_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match=r"callback must return None or a replacement for x with shape \(2, 3, 8, 8\)"):
+        sample(toy_model, noise(), SCHEDULE, "ddim", 3, callback=lambda i, t, x: x[:1], progress=False)

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from minisd.schedules import SD_BETA_END, SD_BETA_START, NoiseSchedule
 
@@ -17,7 +16,7 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["beta_schedule"])
 def test_betas_and_alpha_bar_match_diffusers(config):
     ours = NoiseSchedule(1000, **config)
-    theirs = DDPMScheduler(num_train_timesteps=1000, **config)
+    theirs = pytest.importorskip("diffusers").DDPMScheduler(num_train_timesteps=1000, **config)
     torch.testing.assert_close(ours.betas, theirs.betas, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod, atol=1e-6, rtol=0)
 
@@ -46,7 +45,7 @@ def test_derived_quantities_are_consistent(config):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c["beta_schedule"])
 def test_add_noise_matches_diffusers(config):
     ours = NoiseSchedule(1000, **config)
-    theirs = DDPMScheduler(num_train_timesteps=1000, **config)
+    theirs = pytest.importorskip("diffusers").DDPMScheduler(num_train_timesteps=1000, **config)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
     t = torch.tensor([0, 1, 250, 500, 998, 999])
@@ -65,7 +64,7 @@ def test_inference_timesteps_match_diffusers_ddim(spacing, num_inference_steps):
             NoiseSchedule.stable_diffusion().inference_timesteps(1000, "leading", steps_offset=1)
         return
     sd = dict(beta_schedule="scaled_linear", beta_start=SD_BETA_START, beta_end=SD_BETA_END)
-    theirs = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0, **sd)
+    theirs = pytest.importorskip("diffusers").DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0, **sd)
     theirs.set_timesteps(num_inference_steps)
     ours = NoiseSchedule.stable_diffusion().inference_timesteps(
         num_inference_steps, spacing, steps_offset=1 if spacing == "leading" else 0
