@@ -1,0 +1,7 @@
+"""``python -m minisd …``: the command line (``minisd.cli``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
