@@ -68,6 +68,12 @@ class AutoencoderConfig:
         if not self.scaling_factor > 0:
             raise ValueError(f"scaling_factor={self.scaling_factor} must be > 0.")
 
+    @classmethod
+    def stable_diffusion_v1(cls) -> "AutoencoderConfig":
+        """SD v1.x's VAE (also SD 2.x's): f = 8, 4×64×64 latents for 512² images, 83,653,863 parameters."""
+        return cls(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512,
+                   scaling_factor=SD_SCALING_FACTOR)
+
     @property
     def downsample_factor(self) -> int:
         """f: each side of the latent grid is 1/f of the image's."""
