@@ -11,3 +11,4 @@ from .lesson03 import *  # noqa: F401,F403  lesson 03: pixel-space DDPM
 from .lesson04 import *  # noqa: F401,F403  lesson 04: samplers
 from .lesson05 import *  # noqa: F401,F403  lesson 05: the VAE
 from .lesson06 import *  # noqa: F401,F403  lesson 06: the compression factor
+from .lesson07 import *  # noqa: F401,F403  lesson 07: text encoders
