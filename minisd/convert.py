@@ -201,9 +201,24 @@ def vae_from_compvis(state: dict[str, torch.Tensor], config: AutoencoderConfig) 
 
 
 def text_encoder_from_compvis(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIP's text tower for transformers' ``CLIPTextModel``: the same names after the prefix."""
-    return {k[len(CLIP_PREFIX):]: v for k, v in state.items()
-            if k.startswith(CLIP_PREFIX) and not k.endswith("position_ids")}  # a buffer some files carry
+    """CLIP's text tower, named as in transformers' ``CLIPTextModel`` (5.x: ``embeddings.…``, ``encoder.…``;
+    ``load_text_encoder`` adds 4.x's ``text_model.`` back where a model wants it)."""
+    prefix = CLIP_PREFIX + "text_model."
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and not k.endswith("position_ids")}  # a buffer some files carry
+
+
+def load_text_encoder(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Load ``text_encoder_from_compvis``'s tensors into a ``CLIPTextModel`` of either transformers generation."""
+    wants_prefix = next(iter(model.state_dict())).startswith("text_model.")
+    state = {("text_model." + k if wants_prefix else k): v for k, v in state.items()}
+    expected = {k for k in model.state_dict() if not k.endswith("position_ids")}
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise ValueError(f"the text encoder does not fit CLIP ViT-L/14's text tower: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}; minisd supports SD v1.x (CLIP ViT-L/14).")
+    model.load_state_dict(state, strict=False)  # strict except the position_ids buffer, which some files omit
+    return model
 
 
 def to_compvis(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder_state: dict | None = None) -> dict:
@@ -212,7 +227,7 @@ def to_compvis(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder_state: 
     for key, value in vae.state_dict().items():
         theirs = vae_key_to_compvis(key, vae.config)
         out[theirs] = value[:, :, None, None] if _is_vae_attention_projection(theirs) else value
-    out |= {CLIP_PREFIX + k: v for k, v in (text_encoder_state or {}).items()}
+    out |= {CLIP_PREFIX + "text_model." + k: v for k, v in (text_encoder_state or {}).items()}
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 

@@ -56,12 +56,13 @@ def test_diffusers_own_conversion_reads_our_compvis_file_back_to_the_same_tensor
 
 def test_minisd_reads_a_compvis_file_back_key_by_key(models):
     unet, vae = models
-    state = convert.to_compvis(unet, vae, {"text_model.final_layer_norm.weight": torch.ones(3)})
+    state = convert.to_compvis(unet, vae, {"final_layer_norm.weight": torch.ones(3)})
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in state
     for ours, back in ((unet.state_dict(), convert.unet_from_compvis(state, UNET)),
                        (vae.state_dict(), convert.vae_from_compvis(state, VAE))):
         assert set(back) == set(ours) and all(torch.equal(back[k], v) for k, v in ours.items())
     text = convert.text_encoder_from_compvis(state)
-    assert list(text) == ["text_model.final_layer_norm.weight"] and torch.equal(text["text_model.final_layer_norm.weight"], torch.ones(3))
+    assert list(text) == ["final_layer_norm.weight"] and torch.equal(text["final_layer_norm.weight"], torch.ones(3))
 
 
 def test_other_checkpoints_are_named_in_the_error(models):
