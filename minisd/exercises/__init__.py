@@ -4,7 +4,7 @@ One module per lesson; every check is re-exported here, so a notebook writes
 ``from minisd import exercises`` and then ``fn = exercises.check_fn(fn)``.
 """
 
-from .core import Case, ExerciseError, check
+from .core import Case, ExerciseError, check, compare, describe_inputs
 from .lesson01 import *  # noqa: F401,F403  lesson 01: forward diffusion
 from .lesson02 import *  # noqa: F401,F403  lesson 02: noise schedules
 from .lesson03 import *  # noqa: F401,F403  lesson 03: pixel-space DDPM

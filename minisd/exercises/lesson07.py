@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .. import text
-from .core import Case, ExerciseError, _compare, _inputs, randn
+from .core import Case, ExerciseError, compare, describe_inputs, randn
 
 __all__ = ["check_pad_and_truncate", "check_masked_mean", "check_cosine_similarity_matrix", "check_causal_mask"]
 
@@ -28,8 +28,8 @@ def _check_parts(name: str, fn: Callable, reference: Callable, cases: list[Case]
             print(f"📝 `{name}` is not written yet: using minisd's reference so the lesson can go on.")
             return reference
         except Exception as error:
-            raise ExerciseError(f"`{name}` raised {type(error).__name__}: {error}\n  on input {_inputs(case)}") from error
-        where = f"`{name}` on input {_inputs(case)}"
+            raise ExerciseError(f"`{name}` raised {type(error).__name__}: {error}\n  on input {describe_inputs(case)}") from error
+        where = f"`{name}` on input {describe_inputs(case)}"
         if got is None:
             raise ExerciseError(f"{where} returned None: did you forget the `return`?")
         diagnose(where, case, expected, got)
@@ -113,7 +113,7 @@ def _diagnose_mean(where: str, case: Case, expected: torch.Tensor, got: Any) -> 
         if got.shape == wrong.shape and torch.allclose(got.double(), wrong.double(), atol=1e-5) and \
                 not torch.allclose(wrong, expected, atol=1e-5):
             raise ExerciseError(f"{where} looks like {hint}.")
-    _compare("masked_mean", case, expected, got, atol=1e-5, rtol=1e-5)
+    compare("masked_mean", case, expected, got, atol=1e-5, rtol=1e-5)
 
 
 def check_masked_mean(fn: Callable) -> Callable:
@@ -140,7 +140,7 @@ def _diagnose_cosine(where: str, case: Case, expected: torch.Tensor, got: Any) -
                 else "normalise each row (each embedding, dim=-1) to length 1")
         raise ExerciseError(f"{where}: the diagonal should be all 1 (each vector compared with itself), "
                             f"got {got.diagonal()[:4].tolist()}: {hint}.")
-    _compare("cosine_similarity_matrix", case, expected, got, atol=1e-5, rtol=1e-5)
+    compare("cosine_similarity_matrix", case, expected, got, atol=1e-5, rtol=1e-5)
 
 
 def check_cosine_similarity_matrix(fn: Callable) -> Callable:
