@@ -111,7 +111,9 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 def model_config(model: torch.nn.Module) -> dict | None:
     """The model's config dataclass as a dict (what the header stores), or None if it has none."""
     config = getattr(model, "config", None)
-    return asdict(config) if config is not None and hasattr(config, "__dataclass_fields__") else None
+    if config is None or not hasattr(config, "__dataclass_fields__"):
+        return None
+    return config.to_dict() if hasattr(config, "to_dict") else asdict(config)  # to_dict may leave out unused fields
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> None:

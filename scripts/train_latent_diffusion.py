@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                        f"(f = {vae.config.downsample_factor}, latents {vae.config.latent_shape}); EMA weights of minisd.nn.UNet.",
         "autoencoder": {"file": Path(args.autoencoder).name, "scaling_factor": vae.config.scaling_factor,
                         "sha256": sha256(args.autoencoder)},
-        "model_config": dataclasses.asdict(ema.config),
+        "model_config": ema.config.to_dict(),
         "num_parameters": ema.num_parameters,
         "schedule": {"num_train_timesteps": 1000, "beta_start": SCHEDULE.betas[0].item(), "beta_end": SCHEDULE.betas[-1].item(),
                      "beta_schedule": "scaled_linear", "prediction_type": "epsilon"},
