@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import randomize
 from minisd.nn import Attention, AttentionStore, BasicTransformerBlock, SelfAttention2d, Transformer2DModel, UNet, UNetConfig
 from minisd.nn.transformer import GEGLU, FeedForward
 
@@ -13,14 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 parity; measured differences are ≤ 1e-6
 
-
-def _seeded_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter random values (default inits leave biases and norms trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 def _randn(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -35,7 +28,7 @@ def test_attention_is_softmax_of_scaled_scores_times_values(cross):
     """Vaswani et al. 2017, eq. 1, written out head by head."""
     B, N, L, C, h = 2, 6, 5, 16, 4
     d = C // h
-    layer = _seeded_(Attention(C, 12 if cross else None, heads=h, dim_head=d)).eval()
+    layer = randomize(Attention(C, 12 if cross else None, heads=h, dim_head=d)).eval()
     x = _randn(B, N, C)
     context = _randn(B, L, 12, seed=2) if cross else x
     q, k, v = layer.to_q(x), layer.to_k(context), layer.to_v(context)  # (B, N | L, h·d)
@@ -53,7 +46,7 @@ def test_attention_is_softmax_of_scaled_scores_times_values(cross):
 
 def test_cross_attention_to_a_single_token_gives_every_pixel_that_tokens_value():
     """softmax over one key is 1, so the output cannot depend on the query: to_out(to_v(c))."""
-    layer = _seeded_(Attention(8, cross_attention_dim=6, heads=2, dim_head=4)).eval()
+    layer = randomize(Attention(8, cross_attention_dim=6, heads=2, dim_head=4)).eval()
     c = _randn(3, 1, 6)
     with torch.no_grad():
         out = layer(_randn(3, 10, 8), c)
@@ -71,7 +64,7 @@ def test_attention_rejects_text_states_in_the_wrong_layer():
 
 
 def test_self_attention_2d_is_groupnorm_attention_and_a_residual():
-    layer = _seeded_(SelfAttention2d(16, num_heads=2, groups=4)).eval()
+    layer = randomize(SelfAttention2d(16, num_heads=2, groups=4)).eval()
     x = _randn(2, 16, 3, 5)
     tokens = layer.group_norm(x).flatten(2).transpose(1, 2)  # (B, 15, 16)
     with torch.no_grad():
@@ -80,7 +73,7 @@ def test_self_attention_2d_is_groupnorm_attention_and_a_residual():
 
 
 def test_geglu_is_value_times_gelu_of_gate():
-    layer = _seeded_(GEGLU(4, 3))
+    layer = randomize(GEGLU(4, 3))
     x = _randn(2, 4)
     w, b = layer.proj.weight, layer.proj.bias
     expected = (x @ w[:3].T + b[:3]) * torch.nn.functional.gelu(x @ w[3:].T + b[3:])
@@ -95,7 +88,7 @@ COND = UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channe
 
 
 def test_recording_attention_maps_changes_nothing_and_gives_probabilities():
-    model = _seeded_(UNet(COND)).eval()
+    model = randomize(UNet(COND)).eval()
     x, t, text = _randn(2, 4, 8, 8), torch.tensor([10, 500]), _randn(2, 7, 12, seed=3)
     with torch.no_grad():
         plain = model(x, t, text)
@@ -117,7 +110,7 @@ def test_recording_attention_maps_changes_nothing_and_gives_probabilities():
 
 
 def test_recorded_probabilities_are_the_ones_the_layer_uses():
-    layer = _seeded_(Attention(8, cross_attention_dim=6, heads=2, dim_head=4)).eval()
+    layer = randomize(Attention(8, cross_attention_dim=6, heads=2, dim_head=4)).eval()
     x, c = _randn(1, 5, 8), _randn(1, 3, 6, seed=2)
     with AttentionStore(layer) as store, torch.no_grad():
         out = layer(x, c)
@@ -147,7 +140,7 @@ def test_attention_equals_diffusers(cross_attention_dim, bias):
     pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import Attention as TheirAttention
 
-    theirs = _seeded_(TheirAttention(16, cross_attention_dim=cross_attention_dim, heads=4, dim_head=8, bias=bias)).eval()
+    theirs = randomize(TheirAttention(16, cross_attention_dim=cross_attention_dim, heads=4, dim_head=8, bias=bias)).eval()
     ours = Attention(16, cross_attention_dim, heads=4, dim_head=8, bias=bias).eval()
     ours.load_state_dict(theirs.state_dict())  # strict: identical key names
     x = _randn(2, 10, 16)
@@ -160,13 +153,13 @@ def test_feed_forward_and_transformer_block_equal_diffusers():
     pytest.importorskip("diffusers")
     from diffusers.models.attention import BasicTransformerBlock as TheirBlock, FeedForward as TheirFF
 
-    their_ff = _seeded_(TheirFF(16, activation_fn="geglu")).eval()
+    their_ff = randomize(TheirFF(16, activation_fn="geglu")).eval()
     ours_ff = FeedForward(16).eval()
     ours_ff.load_state_dict(their_ff.state_dict())
     x = _randn(2, 10, 16)
     torch.testing.assert_close(ours_ff(x), their_ff(x), **TOL)
 
-    theirs = _seeded_(TheirBlock(16, 2, 8, cross_attention_dim=12, activation_fn="geglu")).eval()
+    theirs = randomize(TheirBlock(16, 2, 8, cross_attention_dim=12, activation_fn="geglu")).eval()
     ours = BasicTransformerBlock(16, 2, cross_attention_dim=12).eval()
     ours.load_state_dict(theirs.state_dict())
     text = _randn(2, 5, 12, seed=2)
@@ -180,7 +173,7 @@ def test_transformer_2d_equals_diffusers(use_linear_projection):
     pytest.importorskip("diffusers")
     from diffusers import Transformer2DModel as TheirTransformer
 
-    theirs = _seeded_(TheirTransformer(
+    theirs = randomize(TheirTransformer(
         num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=2, cross_attention_dim=12,
         norm_num_groups=4, use_linear_projection=use_linear_projection,
     )).eval()

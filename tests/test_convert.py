@@ -4,6 +4,7 @@ conversion functions, round trips, and what a checkpoint that is not SD v1.x is 
 import pytest
 import torch
 
+from helpers import randomize
 from minisd import convert
 from minisd.nn import UNet, UNetConfig
 from minisd.nn.vae import AutoencoderConfig, AutoencoderKL
@@ -17,17 +18,10 @@ VAE = AutoencoderConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=2, 
                         scaling_factor=0.18215)
 
 
-def seeded(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    return module.eval()
-
 
 @pytest.fixture(scope="module")
 def models():
-    return seeded(UNet(UNET), 0), seeded(AutoencoderKL(VAE), 1)
+    return randomize(UNet(UNET), 0, 1.0), randomize(AutoencoderKL(VAE), 1, 1.0)
 
 
 def test_compvis_keys_are_sd_v1_names(models):

@@ -7,6 +7,7 @@ text-conditioned U-Net have their own files (test_attention.py, test_unet_condit
 import pytest
 import torch
 
+from helpers import randomize
 from minisd.nn import (
     Downsample2D, ResnetBlock2D, SelfAttention2d, TimestepEmbedding, UNet, UNetConfig, Upsample2D,
     count_parameters, timestep_embedding,
@@ -20,14 +21,6 @@ TINY = UNetConfig(
     attention=(False, True, True), attention_head_dim=8, norm_num_groups=8,
 )
 
-
-def _seeded_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter random values (default inits leave biases and norms trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -134,7 +127,7 @@ def test_resnet_block_equals_diffusers(cin, cout, temb, eps):
     pytest.importorskip("diffusers")
     from diffusers.models.resnet import ResnetBlock2D as TheirResnet
 
-    theirs = _seeded_(TheirResnet(in_channels=cin, out_channels=cout, temb_channels=temb, groups=8, eps=eps)).eval()
+    theirs = randomize(TheirResnet(in_channels=cin, out_channels=cout, temb_channels=temb, groups=8, eps=eps)).eval()
     ours = ResnetBlock2D(cin, cout, temb, groups=8, eps=eps).eval()
     ours.load_state_dict(theirs.state_dict())  # same names, same shapes: a plain copy
     x = torch.randn(2, cin, 8, 8)
@@ -167,7 +160,7 @@ def _diffusers_unet(config: UNetConfig):
                attention_head_dim=16, norm_num_groups=4),
 ], ids=["attention-at-two-lower-levels", "attention-at-the-top-level"])
 def test_unet_equals_diffusers_unet2dmodel(config):
-    theirs = _seeded_(_diffusers_unet(config)).eval()
+    theirs = randomize(_diffusers_unet(config)).eval()
     ours = UNet(config).eval()
     their_state = theirs.state_dict()
     # the same module names and shapes: the name mapping diffusers → minisd is the identity
@@ -188,11 +181,11 @@ def test_resampling_equals_diffusers(padding):
     from diffusers.models.upsampling import Upsample2D as TheirUp
 
     x = torch.randn(2, 8, 8, 8)
-    their_down = _seeded_(TheirDown(8, use_conv=True, padding=padding, name="op")).eval()  # as in the U-Net/VAE blocks
+    their_down = randomize(TheirDown(8, use_conv=True, padding=padding, name="op")).eval()  # as in the U-Net/VAE blocks
     ours = Downsample2D(8, padding=padding)
     ours.load_state_dict(their_down.state_dict())
     torch.testing.assert_close(ours(x), their_down(x), rtol=1e-5, atol=1e-5)
-    their_up = _seeded_(TheirUp(8, use_conv=True)).eval()
+    their_up = randomize(TheirUp(8, use_conv=True)).eval()
     ours = Upsample2D(8)
     ours.load_state_dict(their_up.state_dict())
     torch.testing.assert_close(ours(x), their_up(x), rtol=1e-5, atol=1e-5)
@@ -205,7 +198,7 @@ def test_self_attention_equals_diffusers_attention(heads):
     from diffusers.models.attention_processor import Attention
 
     channels = 32
-    theirs = _seeded_(Attention(
+    theirs = randomize(Attention(
         query_dim=channels, heads=heads, dim_head=channels // heads, eps=1e-6, norm_num_groups=8,
         residual_connection=True, bias=True, upcast_softmax=True, _from_deprecated_attn_block=True,
     )).eval()

@@ -7,6 +7,7 @@ images in [0, 1]; we allow 1e-4."""
 import pytest
 import torch
 
+from helpers import randomize
 from minisd.convert import diffusers_scheduler, diffusers_unet_config, diffusers_vae_config
 from minisd.nn import UNet, UNetConfig
 from minisd.nn.vae import AutoencoderConfig, AutoencoderKL
@@ -30,17 +31,10 @@ class HashEncoder:
                             for p in prompts])
 
 
-def seeded(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module.eval()
-
 
 @pytest.fixture(scope="module")
 def pipe() -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(seeded(UNet(UNET), 0), seeded(AutoencoderKL(VAE), 1), HashEncoder())
+    return StableDiffusionPipeline(randomize(UNet(UNET), 0, 0.1), randomize(AutoencoderKL(VAE), 1, 0.1), HashEncoder())
 
 
 def photo() -> torch.Tensor:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from helpers import randomize
 from minisd import convert, stable_diffusion
 from minisd.nn import UNet, UNetConfig
 from minisd.nn.vae import AutoencoderConfig, AutoencoderKL
@@ -25,18 +26,11 @@ CLIP = dict(stable_diffusion.SD_V1_TEXT_CONFIG, hidden_size=32, intermediate_siz
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse", "blurry"
 
 
-def seeded(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and name.endswith("weight") else 0))
-    return module.eval()
-
 
 @pytest.fixture(scope="module")
 def parts():
-    clip = seeded(stable_diffusion.clip_text_model(CLIP), 2)
-    return seeded(UNet(UNET), 0), seeded(AutoencoderKL(VAE), 1), clip
+    clip = randomize(stable_diffusion.clip_text_model(CLIP), 2, 0.1, norms_near_one=True)
+    return randomize(UNet(UNET), 0, 0.1, norms_near_one=True), randomize(AutoencoderKL(VAE), 1, 0.1, norms_near_one=True), clip
 
 
 def draw(pipe, **kwargs):

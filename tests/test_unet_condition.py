@@ -4,6 +4,8 @@ parity with diffusers' UNet2DConditionModel, from a tiny config up to SD v1.5's 
 import pytest
 import torch
 
+from helpers import randomize
+from minisd.convert import diffusers_unet_config
 from minisd.nn import Transformer2DModel, UNet, UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,13 +19,6 @@ TINY = UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channe
                   cross_attention_dim=24)
 
 
-def _seeded_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
-
 
 def _inputs(config: UNetConfig, batch: int = 2, tokens: int = 7):
     g = torch.Generator().manual_seed(1)
@@ -36,7 +31,7 @@ def _inputs(config: UNetConfig, batch: int = 2, tokens: int = 7):
 
 
 def test_output_has_the_sample_shape_and_depends_on_the_text():
-    model = _seeded_(UNet(TINY)).eval()
+    model = randomize(UNet(TINY)).eval()
     x, t, text = _inputs(TINY)
     with torch.no_grad():
         out = model(x, t, encoder_hidden_states=text)
@@ -116,21 +111,6 @@ def test_runs_in_bfloat16_on_cpu_close_to_float32():
 # ----------------------------------------------------------------------------- parity with diffusers
 
 
-def _diffusers_config(config: UNetConfig) -> dict:
-    """UNet2DConditionModel's arguments for the same model. Its attention_head_dim is our head count h."""
-    widths = config.block_out_channels
-    return dict(
-        sample_size=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
-        block_out_channels=widths, layers_per_block=config.layers_per_block,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in config.attention[::-1]),
-        attention_head_dim=tuple(config.heads(c) for c in widths),  # diffusers' name for h, per level
-        norm_num_groups=config.norm_num_groups, norm_eps=config.norm_eps, dropout=config.dropout,
-        cross_attention_dim=config.cross_attention_dim, use_linear_projection=config.use_linear_projection,
-        transformer_layers_per_block=config.transformer_layers_per_block,
-    )
-
-
 @pytest.mark.parametrize("config", [
     TINY,
     UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(16, 32, 32), layers_per_block=1,
@@ -139,7 +119,7 @@ def _diffusers_config(config: UNetConfig) -> dict:
 ], ids=["sd1-shaped", "sd2-shaped-two-transformer-layers"])
 def test_unet_equals_diffusers_unet2dconditionmodel(config):
     diffusers = pytest.importorskip("diffusers")
-    theirs = _seeded_(diffusers.UNet2DConditionModel(**_diffusers_config(config))).eval()
+    theirs = randomize(diffusers.UNet2DConditionModel(**diffusers_unet_config(config))).eval()
     ours = UNet(config).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)  # identity key names, same shapes
     x, t, text = _inputs(config)
@@ -155,6 +135,6 @@ def test_stable_diffusion_configs_have_diffusers_keys_shapes_and_size(name, size
     config = getattr(UNetConfig, name)()
     with torch.device("meta"):
         ours = UNet(config)
-        theirs = diffusers.UNet2DConditionModel(**_diffusers_config(config))
+        theirs = diffusers.UNet2DConditionModel(**diffusers_unet_config(config))
     assert ours.num_parameters == size
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}

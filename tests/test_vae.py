@@ -4,6 +4,8 @@ checkpoints, error messages, and parity with diffusers' AutoencoderKL and VQMode
 import pytest
 import torch
 
+from helpers import randomize
+from minisd.convert import diffusers_vae_config
 from minisd.checkpoints import load_weights, save_model
 from minisd.nn.vae import AutoencoderConfig, AutoencoderKL, DiagonalGaussianDistribution, kl_vae_loss, scaling_factor_from_latents
 from minisd.nn.vq import VectorQuantizer, VQModel, vq_loss
@@ -12,14 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = AutoencoderConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=16)
 
-
-def _seeded_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    """Random values in every parameter (default inits leave biases and norms trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return module
 
 
 # ----------------------------------------------------------------------------- shapes and config
@@ -81,7 +75,7 @@ def test_kl_is_zero_exactly_for_the_standard_normal_and_logvar_is_clamped():
 
 
 def test_kl_weight_changes_the_loss_by_weight_times_kl_per_pixel():
-    vae = _seeded_(AutoencoderKL(TINY))
+    vae = randomize(AutoencoderKL(TINY))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     loss0, parts0 = kl_vae_loss(vae, x, 0.0, torch.Generator().manual_seed(0))
     loss1, parts1 = kl_vae_loss(vae, x, 0.5, torch.Generator().manual_seed(0))
@@ -99,7 +93,7 @@ def test_scaling_factor_is_one_over_the_std():
 
 def test_scaled_latent_helpers_undo_each_other():
     config = AutoencoderConfig(**{**TINY.to_dict(), "block_out_channels": (16, 32, 32), "scaling_factor": 0.25})
-    vae = _seeded_(AutoencoderKL(config)).eval()
+    vae = randomize(AutoencoderKL(config)).eval()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     latents = vae.encode_latents(x)
     torch.testing.assert_close(latents, vae.encode(x).mean * 0.25)
@@ -124,7 +118,7 @@ def test_vector_quantizer_picks_the_nearest_code_and_passes_gradients_straight_t
 
 
 def test_vq_loss_reports_codebook_usage_as_the_share_of_codes_used():
-    model = _seeded_(VQModel(AutoencoderConfig(**{**TINY.to_dict(), "num_vq_embeddings": 16})))
+    model = randomize(VQModel(AutoencoderConfig(**{**TINY.to_dict(), "num_vq_embeddings": 16})))
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         z_e = model.encode(x)  # (2, c, 8, 8)
@@ -160,7 +154,7 @@ def test_training_a_few_steps_lowers_the_reconstruction_loss():
 
 @pytest.mark.parametrize("cls", [AutoencoderKL, VQModel])
 def test_from_pretrained_round_trips_in_float16(tmp_path, cls):
-    model = _seeded_(cls(TINY)).eval()
+    model = randomize(cls(TINY)).eval()
     path = tmp_path / "ae.safetensors"
     save_model(model, path, dtype=torch.float16)
     loaded = cls.from_pretrained(path)
@@ -181,14 +175,6 @@ def test_from_pretrained_refuses_the_other_class_and_mismatched_weights(tmp_path
 # ----------------------------------------------------------------------------- parity with diffusers
 
 
-def _diffusers_kwargs(config: AutoencoderConfig) -> dict:
-    levels = len(config.block_out_channels)
-    return dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-                up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=config.block_out_channels,
-                layers_per_block=config.layers_per_block, latent_channels=config.latent_channels,
-                norm_num_groups=config.norm_num_groups, sample_size=config.sample_size)
-
-
 SD_SHAPED = [
     AutoencoderConfig(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=16, sample_size=32),
     AutoencoderConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=32, sample_size=32),
@@ -199,7 +185,7 @@ SD_SHAPED = [
 def test_autoencoder_kl_equals_diffusers(config):
     DiffusersAutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL  # a test extra
 
-    theirs = _seeded_(DiffusersAutoencoderKL(**_diffusers_kwargs(config)), scale=0.05).eval()
+    theirs = randomize(DiffusersAutoencoderKL(**diffusers_vae_config(config)), scale=0.05).eval()
     ours = AutoencoderKL(config).eval()
     ours.load_state_dict(theirs.state_dict())  # strict: every key and shape is diffusers'
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -217,7 +203,7 @@ def test_vq_model_equals_diffusers():
     DiffusersVQModel = pytest.importorskip("diffusers").VQModel  # a test extra
 
     config = SD_SHAPED[0]
-    theirs = _seeded_(DiffusersVQModel(**_diffusers_kwargs(config), num_vq_embeddings=config.num_vq_embeddings,
+    theirs = randomize(DiffusersVQModel(**diffusers_vae_config(config), num_vq_embeddings=config.num_vq_embeddings,
                                        vq_embed_dim=config.latent_channels), scale=0.05).eval()
     ours = VQModel(config).eval()
     ours.load_state_dict(theirs.state_dict())
@@ -231,7 +217,7 @@ def test_vq_model_equals_diffusers():
 
 @pytest.mark.parametrize("cls", [AutoencoderKL, VQModel])
 def test_reconstruct_is_decode_of_encode_in_batches(cls):
-    model = _seeded_(cls(TINY)).eval()
+    model = randomize(cls(TINY)).eval()
     x = torch.rand(5, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(model.reconstruct(x, batch_size=2), model.decode_latents(model.encode_latents(x)))
 
@@ -239,7 +225,7 @@ def test_reconstruct_is_decode_of_encode_in_batches(cls):
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_the_vae_runs_in_half_precision_on_the_cpu(dtype):
     """bfloat16 on a CPU (float16 on a GPU): the posterior's noise is drawn in the latents' dtype."""
-    vae = _seeded_(AutoencoderKL(TINY)).eval()
+    vae = randomize(AutoencoderKL(TINY)).eval()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         reference, _ = vae(x, sample_posterior=True, generator=torch.Generator().manual_seed(0))
