@@ -21,6 +21,7 @@ All images are float32 tensors in [-1, 1], channels first: (C, H, W) or (N, C, H
 
 import math
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -108,6 +109,12 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"  # "an orange", "a red"
 
 
+def glyph_caption(char: str, fg: str, bg: str) -> str:
+    """The training caption of a (character, foreground, background) combination (GlyphSpec.caption)."""
+    kind = "digit" if char.isdigit() else "letter"
+    return f"{_article(fg)} {fg} {kind} {char} on {_article(bg)} {bg} background"
+
+
 # ----------------------------------------------------------------------------- glyphs
 
 
@@ -142,8 +149,12 @@ class GlyphSpec:
     @property
     def caption(self) -> str:
         """The RGB image's caption, e.g. "a red letter K on an orange background"."""
-        return (f"{_article(self.fg)} {self.fg} {self.kind} {self.char} "
-                f"on {_article(self.bg)} {self.bg} background")
+        return glyph_caption(self.char, self.fg, self.bg)
+
+    @property
+    def combination(self) -> tuple[str, str, str]:
+        """(char, fg, bg): what the caption says, and what held-out prompts hold out."""
+        return self.char, self.fg, self.bg
 
     @property
     def grayscale_caption(self) -> str:
@@ -203,26 +214,56 @@ def render_glyph(spec: GlyphSpec, size: int = 32, grayscale: bool = False) -> Im
     return Image.fromarray(_colourise(mask, spec.fg, spec.bg), mode="RGB")
 
 
-def sample_glyph_specs(n: int, seed: int = 0, difficulty: str = "easy") -> list[GlyphSpec]:
-    """n random glyphs: uniform over characters, fonts and (fg, bg) pairs with fg != bg."""
+def sample_glyph_specs(n: int, seed: int = 0, difficulty: str = "easy",
+                       exclude: Collection[tuple[str, str, str]] = ()) -> list[GlyphSpec]:
+    """n random glyphs: uniform over characters, fonts and (fg, bg) pairs with fg != bg; a draw whose
+    (char, fg, bg) is in ``exclude`` (e.g. ``held_out_combinations()``) is thrown away and redrawn."""
     _check_at_least("n", n, 1)
     _check_choice("difficulty", difficulty, DIFFICULTIES)
     d = DIFFICULTIES[difficulty]
+    exclude = frozenset(exclude)
+    if set(all_combinations()) <= exclude:
+        raise ValueError("exclude holds every (char, fg, bg) combination: nothing is left to draw.")
     rng = random.Random(seed)
     colours = tuple(COLOURS)
     specs = []
-    for _ in range(n):
+    while len(specs) < n:
         fg = rng.choice(colours)
         bg = rng.choice([c for c in colours if c != fg])
         scale = rng.uniform(*d.scale)
         # shrink the offset range for big glyphs so that no ink is cut off at the border
         max_offset = min(d.max_offset, (1.0 - scale) / 2)
-        specs.append(GlyphSpec(
+        spec = GlyphSpec(
             char=rng.choice(CHARACTERS), font=rng.choice(d.fonts), fg=fg, bg=bg, scale=scale,
             dx=rng.uniform(-max_offset, max_offset), dy=rng.uniform(-max_offset, max_offset),
             angle=rng.uniform(-d.max_angle, d.max_angle) if d.max_angle else 0.0,
-        ))
+        )
+        if spec.combination not in exclude:
+            specs.append(spec)
     return specs
+
+
+# ----------------------------------------------------------------------------- held-out prompts
+
+HELD_OUT_SHARE, HELD_OUT_SEED = 0.1, 0  # 10 % of (char, fg, bg) combinations: never in text-to-image training
+
+
+def all_combinations() -> list[tuple[str, str, str]]:
+    """Every (char, fg, bg) a caption can name: 36 characters × 8 × 7 ordered colour pairs = 2016."""
+    return [(c, fg, bg) for c in CHARACTERS for fg in COLOURS for bg in COLOURS if fg != bg]
+
+
+def held_out_combinations(share: float = HELD_OUT_SHARE, seed: int = HELD_OUT_SEED) -> frozenset[tuple[str, str, str]]:
+    """round(share · 2016) combinations drawn without replacement by ``random.Random(seed)``.
+
+    Text-to-image training excludes them (``GlyphDataset(…, exclude=held_out_combinations())``);
+    lessons 09-10 prompt for them: can the model compose a character and two colours it has only
+    seen in other company? Share 0.1, seed 0: 202 combinations.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"share={share!r} must be in [0, 1): the share of combinations held out.")
+    combinations = all_combinations()
+    return frozenset(random.Random(seed).sample(combinations, round(share * len(combinations))))
 
 
 class GlyphDataset(torch.utils.data.Dataset):
@@ -231,12 +272,13 @@ class GlyphDataset(torch.utils.data.Dataset):
     images: x_0, (N, C, H, W) float32 in [-1, 1], C = 3 (RGB) or 1 (grey-scale); captions:
     list of N str; chars, fg, bg: (N,) int64 indices into CHARACTERS and list(COLOURS).
     An item is a dict {"image", "caption", "char", "fg", "bg"}, so DataLoader batches it as is.
+    ``exclude``: (char, fg, bg) combinations left out, as in ``sample_glyph_specs``.
     """
 
     def __init__(self, n: int, size: int = 32, seed: int = 0, grayscale: bool = False,
-                 difficulty: str = "easy"):
+                 difficulty: str = "easy", exclude: Collection[tuple[str, str, str]] = ()):
         _check_at_least("size", size, MIN_SIZE)
-        self.specs = sample_glyph_specs(n, seed=seed, difficulty=difficulty)
+        self.specs = sample_glyph_specs(n, seed=seed, difficulty=difficulty, exclude=exclude)
         self.size, self.grayscale, self.difficulty = size, grayscale, difficulty
         masks = np.stack([_glyph_mask(s, size) for s in self.specs])  # (N, H, W) uint8
         if grayscale:

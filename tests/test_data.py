@@ -9,7 +9,8 @@ from PIL import Image
 
 from minisd.data import (
     ALL_FONTS, CHARACTERS, COLOURS, DIFFICULTIES, EASY_FONTS, FONT_DIR, PHOTOS, GlyphDataset,
-    GlyphSpec, load_photo, photo_patches, render_glyph, sample_glyph_specs,
+    GlyphSpec, all_combinations, glyph_caption, held_out_combinations, load_photo, photo_patches,
+    render_glyph, sample_glyph_specs,
 )
 
 COLOUR_RGB = np.array(list(COLOURS.values()), dtype=np.float32)  # (8, 3), row = colour index
@@ -273,3 +274,53 @@ def test_autoencoder_images_mix_glyphs_and_photos_and_hold_two_photos_out():
     assert autoencoder_images(10, photo_fraction=0.0).shape == (10, 3, 32, 32)
     with pytest.raises(ValueError, match="photo_fraction"):
         autoencoder_images(10, photo_fraction=1.5)
+
+
+# ----------------------------------------------------------------------------- held-out prompts
+
+
+def test_there_are_2016_combinations_and_a_tenth_is_held_out():
+    combinations = all_combinations()
+    assert len(combinations) == len(set(combinations)) == 36 * 8 * 7
+    assert all(fg != bg for _, fg, bg in combinations)
+    held = held_out_combinations()
+    assert len(held) == round(0.1 * 2016) == 202 and held <= set(combinations)
+
+
+def test_held_out_combinations_are_fixed_by_the_seed():
+    assert held_out_combinations() == held_out_combinations(0.1, 0)
+    other = held_out_combinations(0.1, 1)
+    assert len(other) == 202 and other != held_out_combinations()
+    assert held_out_combinations(0.0) == frozenset()
+    assert held_out_combinations(0.2) != held_out_combinations(0.1)
+
+
+def test_no_training_caption_uses_a_held_out_combination():
+    held = held_out_combinations()
+    train = GlyphDataset(3000, seed=0, exclude=held)
+    assert not {s.combination for s in train.specs} & held
+    held_captions = {glyph_caption(*c) for c in held}
+    assert not set(train.captions) & held_captions
+    # the same draw without the exclusion does hit held-out combinations: the filter did the work
+    assert {s.combination for s in sample_glyph_specs(3000, seed=0)} & held
+    # every character and colour is still in training, only some of their combinations are not
+    assert {s.char for s in train.specs} == set(CHARACTERS)
+    assert {s.fg for s in train.specs} == {s.bg for s in train.specs} == set(COLOURS)
+
+
+def test_excluding_nothing_keeps_the_old_draws_and_excluding_everything_raises():
+    assert sample_glyph_specs(50, seed=3, exclude=()) == sample_glyph_specs(50, seed=3)
+    with pytest.raises(ValueError, match="exclude"):
+        sample_glyph_specs(5, exclude=all_combinations())
+
+
+def test_glyph_caption_is_the_spec_caption():
+    for spec in sample_glyph_specs(100, seed=4):
+        assert glyph_caption(*spec.combination) == spec.caption
+    assert glyph_caption("7", "orange", "red") == "an orange digit 7 on a red background"
+
+
+def test_bad_share_raises_value_error_naming_it():
+    for share in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="share"):
+            held_out_combinations(share)
