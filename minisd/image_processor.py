@@ -22,7 +22,7 @@ def _as_float_tensor(arg: str, value, channels: tuple[int, ...]) -> torch.Tensor
         if value.mode != expected:
             raise ValueError(f"{arg} is a PIL image in mode {value.mode!r}; convert it first with "
                              f"{arg}.convert({expected!r}).")
-        value = np.asarray(value)
+        value = np.array(value)  # a writable copy: torch.from_numpy warns on PIL's read-only buffer
     if isinstance(value, np.ndarray):
         is_uint8 = value.dtype == np.uint8
         x = torch.from_numpy(np.ascontiguousarray(value)).float()
