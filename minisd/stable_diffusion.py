@@ -106,8 +106,9 @@ def load_stable_diffusion(path: str | Path | None = None, device: str | torch.de
 
     A single file's configs come from its header (files minisd wrote), else the arguments, else SD v1.5's.
     """
-    path = Path(path or os.environ.get(WEIGHTS_VARIABLE, ""))
-    if not str(path) or not path.exists():
+    raw = str(path) if path is not None else os.environ.get(WEIGHTS_VARIABLE, "")
+    path = Path(raw)
+    if not raw or not path.exists():  # Path("") is ".", which exists: test the string
         raise FileNotFoundError(f"no Stable Diffusion weights at {str(path)!r}: download SD v1.5 (e.g. "
                                 "v1-5-pruned-emaonly.safetensors, or the diffusers folder stable-diffusion-v1-5) "
                                 f"and set {WEIGHTS_VARIABLE} to its path.")
@@ -133,9 +134,13 @@ def _load_diffusers_folder(path: Path, device, dtype) -> StableDiffusionPipeline
     def part(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         folder = path / name
         files = sorted(folder.glob("*.safetensors"))
+        full = [f for f in files if ".fp16." not in f.name]  # diffusers folders may hold an fp16 variant beside
         if not files:
             raise FileNotFoundError(f"{folder} has no .safetensors weights (minisd never unpickles .bin files).")
-        return json.loads((folder / "config.json").read_text()), read_tensors(files[0])
+        state = {}
+        for file in full or files:  # every shard of the chosen variant
+            state |= read_tensors(file)
+        return json.loads((folder / "config.json").read_text()), state
 
     unet_json, unet_state = part("unet")
     vae_json, vae_state = part("vae")

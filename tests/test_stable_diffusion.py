@@ -104,6 +104,13 @@ def test_an_sd2_or_foreign_file_gets_a_clear_error(parts, tmp_path):
         stable_diffusion.load_stable_diffusion(tmp_path / "absent.safetensors")
 
 
+def test_without_a_path_or_the_variable_the_message_says_what_to_download(monkeypatch, tmp_path):
+    monkeypatch.delenv("MINISD_SD_WEIGHTS", raising=False)
+    monkeypatch.chdir(tmp_path)  # "." exists: it must not be taken for a diffusers folder
+    with pytest.raises(FileNotFoundError, match="download SD v1.5.*MINISD_SD_WEIGHTS"):
+        stable_diffusion.load_stable_diffusion()
+
+
 def test_sd_v1_text_tower_has_the_published_size():
     model = stable_diffusion.clip_text_model(device="meta")
     assert sum(p.numel() for p in model.parameters()) == 123_060_480
