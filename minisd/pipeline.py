@@ -19,6 +19,7 @@ Argument names and defaults are diffusers' (``StableDiffusionPipeline``, ``…Im
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,12 @@ def classifier_free_guidance(unet: UNet, prompt_embeds: torch.Tensor, negative_p
         guidance_scale: w. w = 1 is the conditional model alone: one U-Net call, no unconditional half.
             (diffusers also skips the half for w < 1, ignoring w; we keep the formula: w = 0 is ε_u.)
     """
-    if guidance_scale == 1 or negative_prompt_embeds is None:
+    if guidance_scale == 1:
         return lambda x, t: unet(x, t, encoder_hidden_states=prompt_embeds)
+    if negative_prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape:
+        got = None if negative_prompt_embeds is None else tuple(negative_prompt_embeds.shape)
+        raise ValueError(f"negative_prompt_embeds must have prompt_embeds' shape {tuple(prompt_embeds.shape)} for "
+                         f"guidance_scale={guidance_scale} (the unconditional half); got {got}.")
     states = torch.cat([negative_prompt_embeds, prompt_embeds])  # (2B, L, D): [uncond, cond], as diffusers
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -177,8 +182,16 @@ class StableDiffusionPipeline:
         guided = guidance_scale != 1
         if prompt_embeds is None:
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, num_images_per_prompt, negative_prompt, guided)
-        elif guided and negative_prompt_embeds is None:
-            negative_prompt_embeds = self.encode_prompt([""] * prompt_embeds.shape[0], 1, None, False)[0]
+        else:  # given states: repeat them per image, as diffusers does; a negative prompt still counts
+            if guided and negative_prompt_embeds is None:
+                negatives = [""] * prompt_embeds.shape[0] if negative_prompt is None else _negative_prompts(negative_prompt)
+                if len(negatives) == 1:
+                    negatives = negatives * prompt_embeds.shape[0]
+                negative_prompt_embeds = self.encode_prompt(negatives, 1, None, False)[0]
+            prompt_embeds = prompt_embeds.to(self.device, self.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+            if guided:
+                negative_prompt_embeds = negative_prompt_embeds.to(self.device, self.dtype).repeat_interleave(
+                    num_images_per_prompt, dim=0)
         model = classifier_free_guidance(self.unet, prompt_embeds, negative_prompt_embeds, guidance_scale)
         batch = prompt_embeds.shape[0]
         # 2. where sampling starts: pure noise, or the image's latents noised to timesteps[start]
@@ -263,6 +276,9 @@ class StableDiffusionPipeline:
                 raise ValueError(f"height, width = {height}, {width} differ from the image's size {size}; leave them out.")
             height, width = size
         height, width = height or default, width or default
+        if (height, width) != (default, default):
+            warnings.warn(f"{height}×{width} differs from the size the model was trained at ({default}×{default}): "
+                          "expect repeated or broken shapes (lesson 10 shows why).", stacklevel=3)
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % self.size_multiple:
                 raise ValueError(f"{name}={value!r} must be a positive multiple of {self.size_multiple} (the VAE's factor "

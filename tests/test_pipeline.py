@@ -213,3 +213,22 @@ def test_a_pil_image_that_is_not_rgb_is_refused(pipe):
 
     with pytest.raises(ValueError, match=r"mode 'RGBA'; convert it first with image.convert\('RGB'\)"):
         pipe(prompt="a", image=Image.new("RGBA", (32, 32)), num_inference_steps=2, progress=False)
+
+
+def test_given_states_still_honour_the_negative_prompt_and_the_image_count(pipe):
+    cond = pipe.text_encoder.encode(["a letter K"])
+    kwargs = dict(num_inference_steps=3, output_type="pt", progress=False)
+    by_embeds = pipe(prompt_embeds=cond, negative_prompt="red", generator=torch.Generator().manual_seed(1), **kwargs).images
+    by_name = pipe(prompt="a letter K", negative_prompt="red", generator=torch.Generator().manual_seed(1), **kwargs).images
+    torch.testing.assert_close(by_embeds, by_name, rtol=0, atol=0)
+    assert pipe(prompt_embeds=cond, num_images_per_prompt=3, **kwargs).images.shape[0] == 3
+
+
+def test_guidance_without_an_unconditional_half_is_refused_and_other_sizes_warn(pipe):
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds must have prompt_embeds' shape"):
+        classifier_free_guidance(pipe.unet, torch.zeros(2, 5, 12), None, 7.5)
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds must have prompt_embeds' shape \(2, 5, 12\)"):
+        pipe(prompt_embeds=torch.zeros(2, 5, 12), negative_prompt_embeds=torch.zeros(3, 5, 12), num_inference_steps=2,
+             progress=False)
+    with pytest.warns(UserWarning, match="differs from the size the model was trained at"):
+        pipe(prompt="a", height=64, width=64, num_inference_steps=1, progress=False)

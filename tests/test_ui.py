@@ -1,0 +1,116 @@
+"""The prompt UI without a browser: a tiny random pipeline, widgets set in code, the button pressed."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from minisd.nn import UNet, UNetConfig
+from minisd.nn.vae import AutoencoderConfig, AutoencoderKL
+from minisd.pipeline import StableDiffusionPipeline
+from minisd.ui import WEBUI_PARAMETERS, PromptUI, to_png, webui_table
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+UNET = UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                  attention=(True, True), num_attention_heads=2, attention_head_dim=None, norm_num_groups=8,
+                  cross_attention_dim=12)
+VAE = AutoencoderConfig(block_out_channels=(16, 16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+                        scaling_factor=0.7)
+
+
+class HashEncoder:
+    """A stand-in text encoder: fixed random states per prompt, (B, 5, 12)."""
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return torch.stack([torch.randn(5, 12, generator=torch.Generator().manual_seed(sum(map(ord, p)) + 1))
+                            for p in prompts])
+
+
+class RecordingPipeline(StableDiffusionPipeline):
+    """The real pipeline, remembering the arguments of every call and how many steps it reported."""
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return super().__call__(**kwargs)
+
+
+@pytest.fixture()
+def pipe() -> RecordingPipeline:
+    torch.manual_seed(0)
+    pipe = RecordingPipeline(UNet(UNET).eval(), AutoencoderKL(VAE).eval(), HashEncoder())
+    pipe.calls = []
+    return pipe
+
+
+def shown(ui: PromptUI) -> Image.Image:
+    return Image.open(io.BytesIO(bytes(ui.image.value)))
+
+
+def test_pressing_generate_shows_the_image_that_the_settings_ask_for(pipe):
+    ui = PromptUI(pipe)
+    ui.prompt.value, ui.negative_prompt.value = "a blue letter Q", "red"
+    ui.num_inference_steps.value, ui.guidance_scale.value, ui.seed.value, ui.sampler.value = 3, 4.5, 1234, "euler"
+    assert len(ui.image.value) == 0
+    ui.button.click()
+    call = pipe.calls[-1]
+    assert (call["num_inference_steps"], call["guidance_scale"], call["sampler"]) == (3, 4.5, "euler")
+    assert (call["prompt"], call["negative_prompt"]) == ("a blue letter Q", "red")
+    assert ui.progress.value == ui.progress.max == 3  # the callback moved the bar once per step
+    image = shown(ui)
+    assert image.format == "PNG" and image.height >= 32 * 4 and len(ui.images) == 1
+    # the seed reached the pipeline: the same call with that seed draws the same picture
+    again = pipe(prompt="a blue letter Q", negative_prompt="red", num_inference_steps=3, guidance_scale=4.5,
+                 sampler="euler", generator=torch.Generator().manual_seed(1234), progress=False).images[0]
+    assert list(again.getdata()) == list(ui.images[0].getdata())
+    assert "seed 1234" in ui.status.value
+
+
+def test_another_seed_another_image_and_the_same_seed_the_same(pipe):
+    ui = PromptUI(pipe, num_inference_steps=2)
+    first = bytes(ui.generate() and ui.image.value)
+    ui.seed.value = 7
+    ui.button.click()
+    assert bytes(ui.image.value) != first and ui.last_kwargs["seed"] == 7
+    ui.seed.value = 0
+    ui.button.click()
+    assert bytes(ui.image.value) == first
+
+
+def test_size_batch_and_random_seed_reach_the_pipeline(pipe):
+    ui = PromptUI(pipe, num_inference_steps=2)
+    assert ui.width.value == ui.height.value == 32 and 64 in ui.width.options
+    ui.width.value, ui.height.value, ui.num_images_per_prompt.value, ui.seed.value = 64, 32, 3, -1
+    ui.button.click()
+    assert [im.size for im in ui.images] == [(64, 32)] * 3
+    assert pipe.calls[-1]["width"] == 64 and pipe.calls[-1]["num_images_per_prompt"] == 3
+    assert 0 <= ui.last_kwargs["seed"] <= 2**31 - 1  # −1 drew a seed, and the status names it
+    assert f"seed {ui.last_kwargs['seed']}" in ui.status.value
+    assert shown(ui).width > 3 * shown(ui).height  # three wide images side by side
+
+
+def test_bad_settings_are_reported_in_the_status_and_the_last_image_stays(pipe):
+    ui = PromptUI(pipe, num_inference_steps=2)
+    ui.button.click()
+    before = bytes(ui.image.value)
+    ui.height.options = (32, 36)  # a size the pipeline refuses (not a multiple of 8)
+    ui.height.value = 36
+    assert ui.generate() == []
+    assert "height=36 must be a positive multiple of 8" in ui.status.value and bytes(ui.image.value) == before
+    assert not ui.button.disabled
+
+
+def test_the_webui_table_names_every_parameter_once():
+    table = webui_table()
+    assert table.count("\n") == len(WEBUI_PARAMETERS) + 1
+    for name in ("Prompt", "Negative prompt", "Sampling steps", "Sampling method", "CFG Scale", "Seed",
+                 "Width / Height", "Batch size", "Batch count", "Denoising strength"):
+        assert f"| {name} |" in table
+
+
+def test_to_png_enlarges_without_smoothing():
+    im = Image.new("RGB", (2, 2), "black")
+    im.putpixel((0, 0), (255, 0, 0))
+    big = Image.open(io.BytesIO(to_png([im], height=8))).convert("RGB")
+    assert big.size == (8, 8) and set(big.getdata()) == {(255, 0, 0), (0, 0, 0)}
