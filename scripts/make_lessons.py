@@ -4,6 +4,8 @@ solutions/ is the single source. In each code cell, every block between ``### BE
 and ``### END SOLUTION`` becomes a ``raise NotImplementedError`` stub at the same indentation.
 Outputs are cleared, except in cells marked ``# NBVAL_CHECK_OUTPUT``: their stored output is
 what the test suite compares against, and a lesson must print the same values as its solution.
+Saved widget state (``metadata.widgets``: sliders, progress bars, and the images they last showed)
+is dropped: a learner's notebook starts without outputs.
 
     python scripts/make_lessons.py          # regenerate lessons/
     python scripts/make_lessons.py --check  # exit 1 if lessons/ is out of date (the test does this)
@@ -53,6 +55,7 @@ def strip_solutions(source: str, where: str) -> str:
 def make_lesson(solution: nbformat.NotebookNode, name: str) -> nbformat.NotebookNode:
     """The learner's version of one solution notebook."""
     lesson = nbformat.from_dict(solution)
+    lesson.metadata.pop("widgets", None)
     for index, cell in enumerate(lesson.cells):
         cell.metadata.pop("execution", None)
         if cell.cell_type != "code":

@@ -25,10 +25,22 @@ def learner_leading(num_inference_steps, num_train_timesteps, steps_offset):
 def test_a_right_answer_is_returned_and_confirmed(capsys):
     assert exercises.check_add_noise(learner_add_noise) is learner_add_noise
     assert exercises.check_q_step(q_step) is q_step
-    assert exercises.check_leading_timesteps(learner_leading) is learner_leading  # a list is fine
+    tensor_leading = lambda num_inference_steps, num_train_timesteps, steps_offset: torch.tensor(
+        learner_leading(num_inference_steps, num_train_timesteps, steps_offset))
+    assert exercises.check_leading_timesteps(tensor_leading) is tensor_leading
     assert exercises.check_scaled_linear_betas(schedules.scaled_linear_betas) is schedules.scaled_linear_betas
     assert exercises.check_cosine_betas(schedules.cosine_betas) is schedules.cosine_betas
     assert capsys.readouterr().out.count("✅") == 5
+
+
+def test_leading_timesteps_must_be_a_tensor_of_ints_as_the_lesson_uses_it():
+    # Lesson 02 indexes sigmas with the answer and calls .tolist() on it: a list would crash there.
+    with pytest.raises(ExerciseError, match=r"returned a list; return a tensor of ints.*\.tolist\(\)"):
+        exercises.check_leading_timesteps(learner_leading)
+    as_floats = lambda num_inference_steps, num_train_timesteps, steps_offset: torch.tensor(
+        learner_leading(num_inference_steps, num_train_timesteps, steps_offset), dtype=torch.float32)
+    with pytest.raises(ExerciseError, match="dtype torch.float32"):
+        exercises.check_leading_timesteps(as_floats)
 
 
 @pytest.mark.parametrize(
@@ -97,20 +109,6 @@ def test_lesson03_checks_accept_the_papers_forms_and_reject_common_slips():
     with pytest.raises(ExerciseError, match="timestep_embedding"):
         exercises.check_timestep_embedding(sines_first)
 
-    def loss(model, schedule, x0, generator=None):
-        t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        return torch.nn.functional.mse_loss(model(schedule.add_noise(x0, noise, t), t), noise)
-
-    def noise_first(model, schedule, x0, generator=None):  # same maths, other draw order
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator)
-        return torch.nn.functional.mse_loss(model(schedule.add_noise(x0, noise, t), t), noise)
-
-    assert exercises.check_ddpm_loss(loss) is loss
-    with pytest.raises(ExerciseError, match="ddpm_loss"):
-        exercises.check_ddpm_loss(noise_first)
-
     def step(schedule, eps_pred, x_t, t, noise):  # DDPM eq. 11 with σ_t² = β̃_t
         beta_t, alpha_bar_t = schedule.betas[t], schedule.alphas_cumprod[t]
         alpha_bar_prev = schedule.alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0)
@@ -130,6 +128,83 @@ def test_lesson03_checks_accept_the_papers_forms_and_reject_common_slips():
 def test_lesson03_stubs_fall_back(check, capsys):
     reference = check(stub)
     assert reference is not stub and "not written yet" in capsys.readouterr().out
+
+
+def draws(schedule, x0, generator, t, noise, noise_first=False):
+    """t and ε as the exercise draws them: on the CPU from generator, then moved to x0's device."""
+    order = ("noise", "t") if noise_first else ("t", "noise")
+    for name in order:
+        if name == "t" and t is None:
+            t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
+        if name == "noise" and noise is None:
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    return t, noise
+
+
+def learner_loss(model, schedule, x0, generator=None, t=None, noise=None):
+    t, noise = draws(schedule, x0, generator, t, noise)
+    return torch.nn.functional.mse_loss(model(schedule.add_noise(x0, noise, t), t), noise)
+
+
+def learner_loss_noise_first(model, schedule, x0, generator=None, t=None, noise=None):
+    t, noise = draws(schedule, x0, generator, t, noise, noise_first=True)
+    return torch.nn.functional.mse_loss(model(schedule.add_noise(x0, noise, t), t), noise)
+
+
+def test_ddpm_loss_check_supplies_the_draws_and_accepts_either_draw_order(capsys):
+    assert exercises.check_ddpm_loss(learner_loss) is learner_loss
+    assert "differ" not in capsys.readouterr().out  # the reference's order: t, then ε
+    assert exercises.check_ddpm_loss(learner_loss_noise_first) is learner_loss_noise_first
+    out = capsys.readouterr().out
+    assert "✅" in out and "Your draws differ from the reference's" in out and "that is fine" in out
+
+
+def test_ddpm_loss_check_hands_its_draws_to_the_learner_on_the_check_device(monkeypatch):
+    """The given-draws cases pass t and noise explicitly, built on config.get_device() with x0."""
+    from minisd.exercises import lesson03
+
+    seen = []
+
+    def spy(model, schedule, x0, generator=None, t=None, noise=None):
+        seen.append((x0.device, None if t is None else t.device, None if noise is None else noise.device))
+        return learner_loss(model, schedule, x0, generator, t, noise)
+
+    monkeypatch.setattr(lesson03, "get_device", lambda: torch.device("cpu"))
+    exercises.check_ddpm_loss(spy)
+    given = [s for s in seen if s[1] is not None]
+    assert len(given) == 2 and all(d == (torch.device("cpu"),) * 3 for d in given)
+    assert any(s[1] is None and s[2] is None for s in seen)  # and once with a generator only
+
+
+@pytest.mark.parametrize("slip, words", [
+    (lambda model, schedule, x0, generator=None, t=None, noise=None: learner_loss(model, schedule, x0, generator),
+     "use the `t` and `noise` passed in"),  # ignores the given draws
+    (lambda model, schedule, x0, generator=None, t=None, noise=None: learner_loss(
+        model, schedule, x0, None, t, noise if noise is not None else torch.randn_like(x0)), "reproducible"),  # no generator
+    (lambda model, schedule, x0, generator=None, t=None, noise=None: learner_loss(
+        model, schedule, x0, generator, t, noise) * x0[0].numel(), "wrong values"),  # a sum over pixels, not a mean
+    (lambda model, schedule, x0, generator=None, t=None, noise=None: learner_loss(
+        model, schedule, x0, generator, t if t is not None else torch.randint(0, 100, (x0.shape[0],), generator=generator),
+        noise), "uniformly"),  # only the first 100 timesteps
+    (lambda model, schedule, x0, generator=None, t=None, noise=None: learner_loss(
+        model, schedule, x0, generator, t, noise if noise is not None else torch.rand(x0.shape, generator=generator)),
+     "standard deviation"),  # uniform noise instead of Gaussian
+])
+def test_ddpm_loss_slips_are_explained(slip, words):
+    with pytest.raises(ExerciseError, match=words):
+        exercises.check_ddpm_loss(slip)
+
+
+def test_ddpm_loss_fallback_follows_the_signature_the_lesson_uses():
+    from minisd.schedules import NoiseSchedule
+
+    reference = exercises.check_ddpm_loss(stub)
+    model = lambda x_t, t: torch.zeros_like(x_t)
+    x0, schedule = torch.zeros(4, 1, 8, 8), NoiseSchedule()
+    positional = reference(model, schedule, x0, torch.Generator().manual_seed(0))  # as the Trainer's lambda calls it
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    given = reference(model, schedule, x0, t=torch.zeros(4, dtype=torch.long), noise=noise)
+    assert positional.item() == pytest.approx(1.0, abs=0.3) and given.item() == pytest.approx(noise.pow(2).mean().item())
 
 
 # --- Lesson 04: samplers ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 
 from .. import schedules
 from ..schedules import NoiseSchedule
-from .core import Case, check, randn
+from .core import Case, ExerciseError, check
 
 __all__ = ["check_scaled_linear_betas", "check_cosine_betas", "check_leading_timesteps"]
 
@@ -33,9 +33,24 @@ def _reference_leading_timesteps(num_inference_steps: int, num_train_timesteps: 
 
 
 def check_leading_timesteps(fn: Callable) -> Callable:
-    """Check ``fn(num_inference_steps, num_train_timesteps, steps_offset)``: SD's "leading" spacing."""
+    """Check ``fn(num_inference_steps, num_train_timesteps, steps_offset)``: SD's "leading" spacing.
+
+    The answer must be a tensor of ints: the lesson indexes ``sigmas`` with it and calls ``.tolist()``.
+    """
     cases = [
         Case({"num_inference_steps": n, "num_train_timesteps": 1000, "steps_offset": off}, f"{n} steps")
         for n, off in [(15, 1), (30, 1), (50, 0), (7, 1)]
     ]
+    try:
+        answer = fn(**cases[0].kwargs)
+    except Exception:  # noqa: BLE001 - a stub or a bug: `check` below says which, on which input
+        answer = None
+    if answer is not None and not (isinstance(answer, torch.Tensor) and not answer.is_floating_point()
+                                   and not answer.is_complex()):
+        kind = f"a tensor of dtype {answer.dtype}" if isinstance(answer, torch.Tensor) else f"a {type(answer).__name__}"
+        raise ExerciseError(
+            f"`leading_timesteps` on input {cases[0].label} returned {kind}; return a tensor of ints "
+            "(e.g. `torch.arange(...)`, or `torch.tensor(your_list)`): the cells below index `sigmas` with "
+            "it and call `.tolist()` on it."
+        )
     return check("leading_timesteps", fn, _reference_leading_timesteps, cases, atol=0, rtol=0)
