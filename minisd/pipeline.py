@@ -75,7 +75,7 @@ def classifier_free_guidance(unet: UNet, prompt_embeds: torch.Tensor, negative_p
 def img2img_start(num_inference_steps: int, strength: float) -> int:
     """Index into the inference timesteps where image-to-image starts (diffusers' ``get_timesteps``).
 
-    ``strength`` = 1 starts at index 0 (pure noise: text-to-image); 0 takes no step at all (returns n).
+    ``strength`` = 1 starts at index 0 (the image noised to the first timestep, as diffusers); 0 takes no step at all (returns n).
     """
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
     return num_inference_steps - init_timestep
@@ -204,7 +204,9 @@ class StableDiffusionPipeline:
         start = img2img_start(num_inference_steps, strength) if image is not None else 0
         if start == num_inference_steps:  # strength ≈ 0: no step to take, the input comes back through the VAE
             return PipelineOutput(self._decode(image_latents, output_type))
-        x = noise if start == 0 else self.schedule.add_noise(image_latents, noise, timesteps[start].expand(batch))
+        # img2img noises the image even at strength 1 (diffusers); text-to-image and inpainting at strength 1 start from noise
+        pure_noise = image is None or (mask_image is not None and start == 0)
+        x = noise if pure_noise else self.schedule.add_noise(image_latents, noise, timesteps[start].expand(batch))
         # 3. the sampler's loop; inpainting pastes the known region back after every step
         if mask_image is not None:
             mask = latent_mask(preprocess_mask(mask_image).to(self.device, self.dtype), shape[-2:])

@@ -84,8 +84,9 @@ def test_text_to_image_equals_diffusers(pipe, sampler):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
-def test_image_to_image_equals_diffusers(pipe, sampler):
-    ours, theirs = run_both(pipe, "img2img", sampler, image=photo(), strength=0.6)
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_image_to_image_equals_diffusers(pipe, sampler, strength):
+    ours, theirs = run_both(pipe, "img2img", sampler, image=photo(), strength=strength)
     torch.testing.assert_close(ours, theirs, **TOL)
 
 
