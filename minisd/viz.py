@@ -5,8 +5,9 @@ The ``show_*`` functions draw with matplotlib and return nothing, so a notebook 
 figure, once.
 
 Image grids are heavy: a grid of noisy images stored as PNG takes 0.5 MB of a notebook. In a
-notebook, ``show_images`` therefore stores its figure as a JPEG, at most ``MAX_WIDTH_PX`` pixels
-wide (a notebook column is about that wide, so a wider figure was only ever shown scaled down).
+notebook, ``show_images`` therefore stores its figure at most ``MAX_WIDTH_PX`` pixels wide (a
+notebook column is about that wide, so a wider figure was only ever shown scaled down), as a JPEG
+or a PNG, whichever is smaller: JPEG wins on noise and photos, PNG on flat glyphs.
 """
 
 from __future__ import annotations
@@ -75,20 +76,25 @@ def show_images(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    show_figure(fig, image_format="jpeg")
+    show_figure(fig, image_format="smaller")
+
+
+IMAGE_FORMATS = ("png", "jpeg", "smaller")  # "smaller": encode both, keep the smaller
 
 
 def show_figure(fig: plt.Figure, image_format: str = "png") -> None:
-    """Show ``fig``: in a notebook as an image of ``image_format`` ("png" or "jpeg"), at most
-    ``MAX_WIDTH_PX`` wide; elsewhere with ``plt.show()``."""
-    if image_format not in ("png", "jpeg"):
-        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}.")
+    """Show ``fig``: in a notebook as an image of ``image_format`` (one of ``IMAGE_FORMATS``), at
+    most ``MAX_WIDTH_PX`` wide; elsewhere with ``plt.show()``."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}.")
     if "inline" not in matplotlib.get_backend():  # a script or an interactive window
         plt.show()
         return
     from IPython.display import Image, display
 
-    display(Image(data=figure_bytes(fig, image_format), format=image_format))
+    formats = ("png", "jpeg") if image_format == "smaller" else (image_format,)
+    data, chosen = min(((figure_bytes(fig, f), f) for f in formats), key=lambda encoded: len(encoded[0]))
+    display(Image(data=data, format=chosen))
     plt.close(fig)  # or the inline backend would show it a second time, as a PNG
 
 

@@ -145,7 +145,7 @@ def test_show_images_labels_rows_and_refuses_a_wrong_count(monkeypatch):
     monkeypatch.setattr(viz, "show_figure", lambda fig, image_format="png": shown.append((fig, image_format)))
     viz.show_images(torch.zeros(6, 1, 8, 8), ncols=3, row_labels=["original", "rebuilt"])
     fig, image_format = shown[0]
-    assert image_format == "jpeg"
+    assert image_format == "smaller"
     assert [t.get_text() for ax in fig.axes for t in ax.texts] == ["original", "rebuilt"]
     plt.close(fig)
     with pytest.raises(ValueError, match="one entry per row.*make 2 rows, got 3"):
@@ -168,3 +168,26 @@ def test_image_grids_are_stored_small():
     plt.close(fig)
     assert jpeg[:2] == b"\xff\xd8" and png[:4] == b"\x89PNG"
     assert len(jpeg) < 0.6 * len(png), (len(jpeg), len(png))
+
+
+@pytest.mark.parametrize("noisy, expected", [(True, "image/jpeg"), (False, "image/png")])
+def test_a_notebook_stores_the_smaller_encoding(monkeypatch, noisy, expected):
+    """Noise is smaller as JPEG, flat glyph-like images as PNG; show_images stores whichever is smaller."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    from minisd import viz
+
+    displayed = []
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "module://matplotlib_inline.backend_inline")
+    monkeypatch.setattr("IPython.display.display", lambda obj: displayed.append(obj))
+    if noisy:
+        images = torch.rand(16, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    else:
+        images = torch.full((16, 3, 64, 64), -1.0)  # black, with a white bar: a glyph-like stroke
+        images[:, :, 16:48, 28:36] = 1.0
+    viz.show_images(images, [f"image {i}" for i in range(16)], ncols=8)
+    (image,) = displayed
+    assert image._repr_mimebundle_()[0].keys() >= {expected}
