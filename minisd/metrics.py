@@ -6,6 +6,9 @@
 * ``glyph_fid``: the Fréchet distance (Heusel et al. 2017, eq. 6) between Gaussians fitted to the
   classifier's features of two image sets. An FID-*style* metric, not Inception-FID (see its
   docstring before quoting a number).
+* ``glyph_kid``: the kernel distance (KID, Bińkowski et al. 2018) on the same features: an unbiased
+  estimate of the squared MMD with a cubic polynomial kernel, so that, unlike FID, its expected value
+  does not depend on the number of samples (0 for two sets from one distribution, up to noise).
 * ``psnr`` and ``ssim`` (Wang et al. 2004): how close a reconstruction is to its original, e.g.
   the VAE's output in lesson 06.
 
@@ -233,17 +236,28 @@ def frechet_distance_gaussians(mu_a, sigma_a, mu_b, sigma_b) -> float:
     return max(float(d2), 0.0)  # rounding can leave -1e-12 for identical Gaussians
 
 
-def _check_features(arg: str, features) -> np.ndarray:
+def _check_features(arg: str, features, min_n: int | None = None) -> np.ndarray:
     if isinstance(features, torch.Tensor):
         features = features.detach().cpu().double().numpy()
     features = np.asarray(features, np.float64)
     if features.ndim != 2:
         raise ValueError(f"{arg} must be (N, D) features, got shape {features.shape}.")
     N, D = features.shape
+    if min_n is not None:
+        if N < min_n:
+            raise ValueError(f"{arg} has N = {N} samples; an unbiased MMD needs at least {min_n}.")
+        return features
     if N <= D:
         raise ValueError(f"{arg} has N = {N} samples of dimension D = {D}: the covariance of N ≤ D samples is "
                          f"singular; give at least {D + 1} (better several hundred: small N biases the distance up).")
     return features
+
+
+def _feature_pair(features_a, features_b, min_n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _check_features("features_a", features_a, min_n), _check_features("features_b", features_b, min_n)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"features_a and features_b must have the same D, got {a.shape[1]} and {b.shape[1]}.")
+    return a, b
 
 
 def frechet_distance(features_a, features_b) -> float:
@@ -252,9 +266,7 @@ def frechet_distance(features_a, features_b) -> float:
     μ = sample mean, Σ = sample covariance (N − 1 normalised, as pytorch-fid); see
     ``frechet_distance_gaussians`` for the formula. Symmetric; 0 for identical sets.
     """
-    a, b = _check_features("features_a", features_a), _check_features("features_b", features_b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"features_a and features_b must have the same D, got {a.shape[1]} and {b.shape[1]}.")
+    a, b = _feature_pair(features_a, features_b)
     return frechet_distance_gaussians(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
@@ -277,6 +289,49 @@ def glyph_fid(generated: torch.Tensor, reference: torch.Tensor, classifier: Glyp
                              f"{D + 1} (better several hundred).")
     return frechet_distance(_batched(classifier.features, classifier, generated, batch_size),
                             _batched(classifier.features, classifier, reference, batch_size))
+
+
+def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KID's kernel k(x, y) = (xᵀy / D + 1)³ between rows of a (N, D) and b (M, D): (N, M)."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(features_a, features_b) -> float:
+    """Unbiased squared MMD (Gretton et al. 2012, eq. 3) with KID's ``polynomial_kernel``:
+
+        MMD²_u = Σ_{i≠j} k(a_i, a_j) / (m(m−1)) + Σ_{i≠j} k(b_i, b_j) / (n(n−1)) − 2 Σ_{i,j} k(a_i, b_j) / (mn)
+
+    Leaving the diagonals k(x_i, x_i) out of the first two sums makes it unbiased (a single estimate can be < 0).
+    """
+    a, b = map(torch.as_tensor, _feature_pair(features_a, features_b, min_n=2))
+    k_aa, k_bb, m, n = polynomial_kernel(a, a), polynomial_kernel(b, b), len(a), len(b)
+    within = (k_aa.sum() - k_aa.trace()) / (m * (m - 1)) + (k_bb.sum() - k_bb.trace()) / (n * (n - 1))
+    return (within - 2 * polynomial_kernel(a, b).mean()).item()
+
+
+def kernel_distance(features_a, features_b, num_subsets: int = 100, subset_size: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """KID: mean and standard deviation of ``mmd2_unbiased`` over ``num_subsets`` random subsets of
+    ``min(subset_size, N_a // 2, N_b // 2)`` rows of each set (torch-fidelity's method; at most half of
+    each set, so that the subsets differ and their spread says how noisy the estimate is)."""
+    a, b = _feature_pair(features_a, features_b, min_n=4)
+    size = min(subset_size, len(a) // 2, len(b) // 2)
+    rng = np.random.default_rng(seed)
+    values = [mmd2_unbiased(a[rng.choice(len(a), size, replace=False)], b[rng.choice(len(b), size, replace=False)])
+              for _ in range(num_subsets)]
+    return float(np.mean(values)), float(np.std(values))
+
+
+def glyph_kid(generated: torch.Tensor, reference: torch.Tensor, classifier: GlyphClassifier | None = None,
+              batch_size: int = 256, num_subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
+    """KID (mean, std over subsets) of GlyphClassifier features of two image sets, (N, 1 or 3, 32, 32) in
+    [-1, 1]: real vs real scores about 0 at any N (``glyph_fid`` is biased up at small N). Not Inception's."""
+    classifier = load_glyph_classifier() if classifier is None else classifier
+    for arg, images in (("generated", generated), ("reference", reference)):
+        _check_images(arg, images)
+    return kernel_distance(_batched(classifier.features, classifier, generated, batch_size),
+                           _batched(classifier.features, classifier, reference, batch_size),
+                           num_subsets=num_subsets, subset_size=subset_size)
 
 
 # ----------------------------------------------------------------------------- PSNR and SSIM

@@ -67,6 +67,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="time the first steps, then set --steps to what fits in this many minutes (the card records it)")
     p.add_argument("--save-every-min", type=float, default=2.0)
     p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="every this many steps, score the EMA weights on 256 held-out glyphs and 256 held-out photo "
+                        "patches (PSNR): the card's reconstruction-vs-steps curve. 0: no curve")
     p.add_argument("--export", metavar="SAFETENSORS", help="after training, write EMA weights and a JSON card here")
     p.add_argument("--fp16", action="store_true", help="export weights as float16 (half the file)")
     return p.parse_args(argv)
@@ -115,6 +118,21 @@ def evaluate(model: torch.nn.Module, train_images: torch.Tensor) -> dict:
     return metrics
 
 
+NUM_CURVE = 256  # held-out images per curve point: enough to see a 0.1 dB trend, cheap on a CPU
+
+
+@torch.no_grad()
+def curve_point(model: torch.nn.Module, step: int, held_out: dict[str, torch.Tensor]) -> dict:
+    """Held-out PSNR (dB) of ``model``'s reconstructions at ``step``: glyphs and photo patches separately."""
+    model.eval()
+    device = next(model.parameters()).device
+    point = {"step": step}
+    for name, images in held_out.items():
+        reconstructions = torch.cat([model.reconstruct(x.to(device)).cpu() for x in images.split(128)])
+        point[f"psnr_{name}"] = round(reconstruction_metrics(images, reconstructions)["psnr"], 3)
+    return point
+
+
 BUDGET_PROBE = (20, 120)  # time steps 20…120 (after cuDNN's autotuning) to size a --budget-minutes run
 
 
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     model, train_config = build(args)
     model.to(args.device)
     trainer = Trainer(model, train_config, loss_function(args), data)
-    wall_before, commands = 0.0, [command]
+    wall_before, commands, curve = 0.0, [command], []
     if args.init_from:
         load_weights(model, args.init_from)
         trainer.ema_model.load_state_dict(model.state_dict())
@@ -154,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.load(checkpoint)
         meta = read_metadata(checkpoint)
         wall_before, commands = meta.get("wall_time_s", 0.0), meta.get("commands", []) + [command]
+        curve = meta.get("curve", [])
         print(f"[{args.name}] resumed at step {trainer.step}", flush=True)
     print(f"[{args.name}] {model.config}, {model.num_parameters:,} parameters, latents {model.config.latent_shape}",
           flush=True)
@@ -162,8 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     last = {"save": start}
     stopped_early = False
 
+    held_out = {"glyphs": GlyphDataset(NUM_CURVE, seed=EVAL_GLYPH_SEED).images,
+                "photos": photo_patches(NUM_CURVE, seed=EVAL_PHOTO_SEED, names=HELD_OUT_PHOTOS)}
+    scoring = {"seconds": 0.0}  # curve scoring time, not counted as training time
+
     def save() -> None:
-        trainer.save(checkpoint, {"commands": commands, "wall_time_s": wall_before + time.time() - start})
+        trainer.save(checkpoint, {"commands": commands, "curve": curve,
+                                  "wall_time_s": wall_before + time.time() - start - scoring["seconds"]})
         last["save"] = time.time()
 
     while trainer.step < trainer.config.steps:
@@ -175,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         if trainer.step % args.log_every == 0:
             print(f"[{args.name}] step {trainer.step}/{train_config.steps} loss {loss:.4f} "
                   f"({(time.time() - start) / 60:.1f} min)", flush=True)
+        if args.curve_every and (trainer.step % args.curve_every == 0 or trainer.step == trainer.config.steps):
+            lap = time.time()
+            curve.append(curve_point(trainer.ema_model, trainer.step, held_out))
+            scoring["seconds"] += time.time() - lap
+            print(f"[{args.name}] curve {json.dumps(curve[-1])}", flush=True)
         if time.time() - last["save"] > 60 * args.save_every_min:
             save()
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
@@ -182,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{args.name}] stopping early at step {trainer.step} (--max-minutes {args.max_minutes})", flush=True)
             break
     save()
-    wall = wall_before + time.time() - start
+    wall = wall_before + time.time() - start - scoring["seconds"]
 
     ema = trainer.ema_model
     metrics = evaluate(ema, data)
@@ -211,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         "budget_minutes": args.budget_minutes,
         "seed": args.seed,
         "final_loss_mean_last_200": sum(trainer.history[-200:]) / len(trainer.history[-200:]),
+        "curve": {"what": f"EMA weights' PSNR (dB) on {NUM_CURVE} held-out glyphs and {NUM_CURVE} held-out photo patches",
+                  "points": curve} if curve else None,
         "command": commands,
         "wall_time_s": round(wall, 1),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads",

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from minisd.data import GlyphDataset  # noqa: E402
 from minisd.diffusion import ddpm_loss  # noqa: E402
-from minisd.metrics import glyph_fid, load_glyph_classifier, recognisable  # noqa: E402
+from minisd.metrics import glyph_fid, glyph_kid, load_glyph_classifier, recognisable  # noqa: E402
 from minisd.nn import UNet, UNetConfig  # noqa: E402
 from minisd.nn.vae import AutoencoderKL  # noqa: E402
 from minisd.samplers import sample  # noqa: E402
 from minisd.schedules import NoiseSchedule  # noqa: E402
-from minisd.checkpoints import save_model, sha256, write_card  # noqa: E402
+from minisd.checkpoints import read_metadata, save_model, sha256, write_card  # noqa: E402
 from minisd.train import Trainer, TrainConfig  # noqa: E402
 
 UNET_WIDTHS = (32, 64, 64)  # the pixel DDPM's widths (lesson 03), for every f
@@ -59,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--autoencoder", required=True, help="an AutoencoderKL safetensors file (scaling factor in its header)")
     p.add_argument("--name", default=None, help="default: ldm_ + the autoencoder's name without 'ae_'")
     p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--train-tflops", type=float, default=None,
+                   help="train for this much compute instead of --steps: steps = TFLOP / (TFLOP per step); "
+                        "the way to compare autoencoders at equal training compute")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=200)
@@ -66,7 +69,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=20_000, help="RGB glyphs to encode and train on")
     p.add_argument("--eval-at", default="", help="comma-separated steps at which to score the EMA model")
-    p.add_argument("--num-eval-samples", type=int, default=500)
+    p.add_argument("--num-eval-samples", type=int, default=500, help="samples scored at the end")
+    p.add_argument("--num-curve-samples", type=int, default=None,
+                   help="samples scored at the intermediate points (default: --num-eval-samples)")
+    p.add_argument("--resume", action="store_true", help=f"continue RUN_DIR/{CHECKPOINT_NAME}")
+    p.add_argument("--save-every-min", type=float, default=5.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--run-dir", default=None, help="default runs/ldm/NAME")
@@ -96,13 +103,30 @@ def train_flops_per_step(model: UNet, batch_size: int, latent_shape: tuple[int, 
 
 @torch.no_grad()
 def score(model: UNet, vae: AutoencoderKL, n: int, reference: torch.Tensor, classifier, device: str) -> dict:
+    """Glyph-FID and KID against ``reference[:n]`` (equal sample counts: FID's bias depends on N) and the
+    share of recognisable samples, for ``n`` DDIM-50 samples from fixed noise."""
     model.eval()
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(n, *vae.config.latent_shape, generator=generator).to(device)
-    latents = sample(model, noise, SCHEDULE, sampler="ddim", num_inference_steps=50, progress=False)
-    images = torch.cat([vae.decode_latents(z).cpu() for z in latents.split(500)])
+    latents = torch.cat([sample(model, z, SCHEDULE, sampler="ddim", num_inference_steps=50, progress=False)
+                         for z in noise.split(250)])
+    images = torch.cat([vae.decode_latents(z).cpu() for z in latents.split(250)])
     mask, _ = recognisable(images, classifier)
-    return {"glyph_fid": glyph_fid(images, reference, classifier), "recognisable": mask.float().mean().item()}
+    kid, kid_std = glyph_kid(images, reference[:n], classifier)
+    return {"n": n, "glyph_fid": glyph_fid(images, reference[:n], classifier), "kid": kid, "kid_std": kid_std,
+            "recognisable": mask.float().mean().item()}
+
+
+def floors(reference: torch.Tensor, n: int, classifier) -> dict:
+    """What the scores read for real glyphs (another seed, same n) and for uniform noise: their floors."""
+    real = GlyphDataset(n, seed=REFERENCE_SEED + 1).images
+    noise = torch.rand(n, *real.shape[1:], generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = {}
+    for name, images in (("real_vs_real", real), ("uniform_noise", noise)):
+        kid, kid_std = glyph_kid(images, reference[:n], classifier)
+        out[name] = {"n": n, "glyph_fid": glyph_fid(images, reference[:n], classifier), "kid": kid, "kid_std": kid_std,
+                     "recognisable": recognisable(images, classifier)[0].float().mean().item()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,38 +149,54 @@ def main(argv: list[str] | None = None) -> None:
           f"latent std {latents.std():.3f}", flush=True)
 
     model = UNet(unet_config_for(vae.config.latent_shape)).to(args.device)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+    flops = train_flops_per_step(model, args.batch_size, vae.config.latent_shape, args.device)
+    steps = max(1, round(args.train_tflops * 1e12 / flops)) if args.train_tflops else args.steps
+    config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          lr_schedule="constant", ema_decay=args.ema_decay, max_grad_norm=1.0, seed=args.seed)
     trainer = Trainer(model, config, lambda m, z, g: ddpm_loss(m, SCHEDULE, z, g), latents)
-    flops = train_flops_per_step(model, args.batch_size, vae.config.latent_shape, args.device)
     print(f"[{name}] {model.num_parameters:,} parameters, {model.config.block_out_channels}, "
-          f"{flops / 1e9:.2f} GFLOP per training step", flush=True)
+          f"{flops / 1e9:.2f} GFLOP per training step: {steps} steps", flush=True)
+    curve, train_seconds, commands, checkpoint = [], 0.0, [command], run_dir / CHECKPOINT_NAME
+    if args.resume and checkpoint.exists():
+        trainer.load(checkpoint)
+        meta = read_metadata(checkpoint)
+        curve, train_seconds, commands = meta["curve"], meta.get("train_seconds", 0.0), meta["commands"] + [command]
+        print(f"[{name}] resumed at step {trainer.step}", flush=True)
 
     def eval_steps(total: int) -> set[int]:
         fixed = {int(x) for x in args.eval_at.split(",") if x}
         return fixed | {max(1, round(total * float(x))) for x in args.eval_fractions.split(",") if x} | {total}
 
     eval_at = eval_steps(config.steps)
-    curve, clock, train_seconds, stopped_early = [], time.time(), 0.0, False  # clock: when training last resumed
+    clock, stopped_early, last_save = time.time(), False, time.time()  # clock: when training last resumed
 
     def trained_for() -> float:
         return train_seconds + time.time() - clock  # seconds of training so far, scoring excluded
+
+    def save() -> None:
+        trainer.save(checkpoint, {"curve": curve, "commands": commands, "train_seconds": round(trained_for(), 1)})
+
     while trainer.step < trainer.config.steps:
         trainer.train_step()
         out_of_time = bool(args.max_minutes) and trained_for() > 60 * args.max_minutes
         if trainer.step in eval_at or out_of_time:
             train_seconds, lap = trained_for(), time.time()
+            final = trainer.step == trainer.config.steps or out_of_time
+            n = args.num_eval_samples if final else (args.num_curve_samples or args.num_eval_samples)
             point = {"step": trainer.step, "train_flops": flops * trainer.step, "train_seconds": round(train_seconds, 1),
                      "loss_last_100": sum(trainer.history[-100:]) / len(trainer.history[-100:]),
-                     **score(trainer.ema_model, vae, args.num_eval_samples, reference, classifier, args.device)}
+                     **score(trainer.ema_model, vae, n, reference, classifier, args.device)}
             curve.append(point)
             print(f"[{name}] {json.dumps(point)} (scored in {time.time() - lap:.1f} s)", flush=True)
             clock = time.time()
+        if time.time() - last_save > 60 * args.save_every_min:
+            save()
+            last_save = time.time()
         if out_of_time:
             stopped_early = True
             print(f"[{name}] stopped early at step {trainer.step} (--max-minutes {args.max_minutes})", flush=True)
             break
-    trainer.save(run_dir / CHECKPOINT_NAME, {"curve": curve, "commands": [command]})
+    save()
     if not args.export:
         return
     path = Path(args.export)
@@ -179,11 +219,14 @@ def main(argv: list[str] | None = None) -> None:
         "stopped_early": stopped_early,
         "seed": args.seed,
         "train_flops_per_step": flops,
+        "train_seconds": round(train_seconds, 1),
         "curve": curve,
-        "evaluation": f"EMA weights; {args.num_eval_samples} samples, DDIM 50 steps (η = 0), decoded by the autoencoder; "
-                      f"glyph_fid against {NUM_REFERENCE} real glyphs (GlyphDataset seed {REFERENCE_SEED}); "
-                      "recognisable = top character probability ≥ 0.9",
-        "command": command,
+        "floors": floors(reference, args.num_eval_samples, classifier),
+        "evaluation": f"EMA weights; n samples (see each point), DDIM 50 steps (η = 0), decoded by the autoencoder; "
+                      f"glyph_fid and KID (minisd.metrics.glyph_kid) against the first n of {NUM_REFERENCE} real glyphs "
+                      f"(GlyphDataset seed {REFERENCE_SEED}); recognisable = top character probability ≥ 0.9; floors: "
+                      "real glyphs of another seed and uniform noise, same n",
+        "command": commands,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "weights_dtype": "float16" if args.fp16 else "float32",

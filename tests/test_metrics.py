@@ -17,8 +17,8 @@ from minisd.checkpoints import save_tensors
 from minisd.data import GlyphDataset
 from minisd.metrics import (
     DEFAULT_CLASSIFIER_PATH, GlyphClassifier, GlyphClassifierConfig, frechet_distance,
-    frechet_distance_gaussians, glyph_accuracy, glyph_fid, load_glyph_classifier, predict, psnr, recognisable,
-    reconstruction_metrics, ssim,
+    frechet_distance_gaussians, glyph_accuracy, glyph_fid, glyph_kid, kernel_distance, load_glyph_classifier,
+    mmd2_unbiased, predict, psnr, recognisable, reconstruction_metrics, ssim,
 )
 
 TEST_SEED = 2  # held out: training uses seeds >= 1000 and evaluates on seed 1
@@ -165,6 +165,38 @@ def test_glyph_fid_real_vs_real_is_small_vs_noise_and_blur_large(classifier, eas
     assert glyph_fid(blurred, other, classifier=classifier) > 5 * real  # measured: 12x
     with pytest.raises(ValueError, match="generated has 64 images.*at least 65"):
         glyph_fid(easy.images[:64], other, classifier=classifier)
+
+
+def test_mmd2_unbiased_matches_the_double_sum_and_is_unbiased():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((7, 3)), rng.standard_normal((5, 3)) + 0.5
+    k = lambda x, y: (x @ y / 3 + 1) ** 3  # noqa: E731 - KID's kernel, written out
+    by_hand = (sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+               + sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+               - 2 * sum(k(x, y) for x in a for y in b) / (7 * 5))
+    assert mmd2_unbiased(a, b) == pytest.approx(by_hand, rel=1e-12)
+    # same distribution: the unbiased estimate averages to 0 at a small N, where the version that keeps
+    # the diagonals (a V-statistic) sits well above it
+    draws = [(rng.standard_normal((20, 4)), rng.standard_normal((20, 4))) for _ in range(300)]
+    unbiased = np.mean([mmd2_unbiased(x, y) for x, y in draws])
+    biased = np.mean([((x @ x.T / 4 + 1) ** 3).mean() + ((y @ y.T / 4 + 1) ** 3).mean() - 2 * ((x @ y.T / 4 + 1) ** 3).mean()
+                      for x, y in draws])
+    assert abs(unbiased) < 0.1 * biased, (unbiased, biased)
+    with pytest.raises(ValueError, match="features_a and features_b must have the same D"):
+        mmd2_unbiased(a, b[:, :2])
+
+
+def test_kernel_distance_subsets_and_glyph_kid(classifier, easy):
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((400, 8)), rng.standard_normal((400, 8))
+    mean, std = kernel_distance(x, y, num_subsets=20, subset_size=1000)  # subsets of N / 2 = 200: they differ
+    assert std > 0 and abs(mean) < 3 * std
+    assert kernel_distance(x, y + 1, num_subsets=20)[0] > 20 * std
+    other = GlyphDataset(500, seed=TEST_SEED + 1).images
+    noise = torch.rand(500, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real, real_std = glyph_kid(easy.images, other, classifier=classifier)
+    assert abs(real) < 3 * real_std  # measured: -1.8e3 ± 1.9e3, i.e. 0 within its noise
+    assert glyph_kid(noise, other, classifier=classifier)[0] > 100 * real_std  # measured: 5.1e5
 
 
 # ----------------------------------------------------------------------------- PSNR and SSIM
