@@ -297,7 +297,7 @@ def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def mmd2_unbiased(features_a, features_b) -> float:
-    """Unbiased squared MMD (Gretton et al. 2012, eq. 3) with KID's ``polynomial_kernel``:
+    """Unbiased squared MMD (Gretton et al. 2012, Lemma 6) with KID's ``polynomial_kernel``:
 
         MMD²_u = Σ_{i≠j} k(a_i, a_j) / (m(m−1)) + Σ_{i≠j} k(b_i, b_j) / (n(n−1)) − 2 Σ_{i,j} k(a_i, b_j) / (mn)
 
