@@ -16,6 +16,7 @@ import torch
 
 from .nn.unet import UNet, UNetConfig
 from .nn.vae import AutoencoderConfig, AutoencoderKL
+from .prediction import check_prediction_type
 from .samplers import SAMPLERS
 from .schedules import NoiseSchedule
 
@@ -57,16 +58,25 @@ DIFFUSERS_SCHEDULERS = {  # minisd sampler → diffusers scheduler class and its
 }
 
 
-def diffusers_scheduler(sampler: str, schedule: NoiseSchedule, timestep_spacing: str = "leading", steps_offset: int = 1):
-    """The diffusers scheduler that takes the same steps as ``samplers.sample(…, sampler)`` (SD's config by default)."""
+def diffusers_scheduler(sampler: str, schedule: NoiseSchedule, timestep_spacing: str = "leading", steps_offset: int = 1,
+                        prediction_type: str = "epsilon", use_karras_sigmas: bool = False):
+    """The diffusers scheduler that takes the same steps as ``samplers.sample(…, sampler)`` (SD's config by default),
+    with the same ``prediction_type`` and ``use_karras_sigmas``. diffusers 0.42's EulerAncestralDiscreteScheduler
+    has no Karras option (``sample`` uses EulerDiscreteScheduler's grid for it): that case is a ValueError here."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown; use one of {SAMPLERS}.")
+    check_prediction_type(prediction_type)
+    karras = dict(use_karras_sigmas=True) if use_karras_sigmas else {}
+    if use_karras_sigmas and sampler not in ("euler", "heun", "dpmpp_2m"):
+        raise ValueError(f"diffusers' scheduler for sampler={sampler!r} has no use_karras_sigmas option; "
+                         "it has for 'euler', 'heun' and 'dpmpp_2m'.")
     import diffusers  # a test extra: only the oracles need it
 
     name, extra = DIFFUSERS_SCHEDULERS[sampler]
     return getattr(diffusers, name)(num_train_timesteps=schedule.num_train_timesteps, beta_start=schedule.beta_start,
                                     beta_end=schedule.beta_end, beta_schedule=schedule.beta_schedule,
-                                    timestep_spacing=timestep_spacing, steps_offset=steps_offset, **extra)
+                                    timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+                                    prediction_type=prediction_type, **karras, **extra)
 
 
 # ----------------------------------------------------------------------------- the original (CompVis) layout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .prediction import training_target
 from .schedules import NoiseSchedule
 
 
@@ -71,7 +72,8 @@ def forward_chain(
 
 
 def ddpm_loss(
-    model: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None
+    model: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """The simple ε-prediction loss of DDPM (Ho et al. 2020, eq. 14; Algorithm 1, Training):
 
@@ -85,11 +87,13 @@ def ddpm_loss(
         schedule: supplies ᾱ_t and T (``num_train_timesteps``).
         x0: x_0, clean images (B, C, H, W) in [-1, 1].
         generator: draws t and ε, for reproducible training.
+        prediction_type: what the model learns to output: "epsilon" (the loss above), "sample" (x_0) or
+            "v_prediction" (v = √ᾱ_t ε − √(1 − ᾱ_t) x_0, Salimans & Ho 2022, as SD 2.x); same draws.
     Returns:
         A scalar: the mean over batch and pixels.
     """
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # ε, (B, C, H, W)
     x_t = schedule.add_noise(x0, noise, t)
-    eps_pred = model(x_t, t)
-    return torch.nn.functional.mse_loss(eps_pred, noise)
+    target = training_target(x0, noise, schedule.gather(schedule.alphas_cumprod, t, x0), prediction_type)  # ε for SD v1
+    return torch.nn.functional.mse_loss(model(x_t, t), target)

@@ -32,6 +32,7 @@ from .config import asset_path, get_device
 from .image_processor import OUTPUT_TYPES, postprocess, preprocess_image, preprocess_mask
 from .nn.unet import UNet
 from .nn.vae import AutoencoderKL
+from .prediction import check_prediction_type
 from .schedules import NoiseSchedule
 from .text import COURSE_MAX_LENGTH, TextEncoder, as_prompt_list
 
@@ -97,6 +98,17 @@ def _negative_prompts(negative_prompt) -> list[str]:
     raise TypeError(f"negative_prompt must be None, a str or a non-empty list of str, got {negative_prompt!r:.80}.")
 
 
+def noise_to_step(schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor, i: int, timesteps: torch.Tensor,
+                  sigmas: torch.Tensor, use_karras_sigmas: bool = False) -> torch.Tensor:
+    """The latents noised to the level of sampling step i (``samplers.sampling_grid``'s timesteps, sigmas), on the
+    DDPM scale: ``schedule.add_noise`` at timesteps[i]; with Karras σ's, whose timesteps are rounded labels,
+    √ᾱ x_0 + √(1 - ᾱ) ε at ᾱ = 1 / (σ_i² + 1), the level the sampler itself assumes (diffusers' ``add_noise``)."""
+    if not use_karras_sigmas:
+        return schedule.add_noise(latents, noise, timesteps[i].expand(latents.shape[0]))
+    alpha_bar = 1 / (sigmas[i].double() ** 2 + 1)
+    return (alpha_bar.sqrt().float() * latents + (1 - alpha_bar).sqrt().float() * noise).to(latents.dtype)
+
+
 def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A pixel mask (B, 1, H, W) of 0/1 → latent resolution ``size`` by nearest neighbour, as diffusers does."""
     return F.interpolate(mask, size=size, mode="nearest")
@@ -111,20 +123,25 @@ class StableDiffusionPipeline:
         text_encoder: turns prompts into (B, L, D) states: ``TextEncoder`` (course) or any object with
             ``encode(list[str]) -> tensor``.
         schedule: the training noise schedule (SD: scaled-linear, ``NoiseSchedule.stable_diffusion()``).
+        prediction_type: what the U-Net predicts, ``"epsilon"`` (SD v1, the course model), ``"sample"`` or
+            ``"v_prediction"`` (SD 2.x 768-v); diffusers keeps it in the scheduler's config.
     """
 
-    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder, schedule: NoiseSchedule | None = None) -> None:
+    def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder, schedule: NoiseSchedule | None = None,
+                 prediction_type: str = "epsilon") -> None:
         if unet.config.cross_attention_dim is None:
             raise ValueError("unet has no cross-attention (UNetConfig.cross_attention_dim is None): it cannot read a prompt.")
         self.unet, self.vae, self.text_encoder = unet.eval(), vae.eval(), text_encoder
         self.schedule = schedule or NoiseSchedule.stable_diffusion()
+        self.prediction_type = check_prediction_type(prediction_type)
         self.vae_scale_factor = vae.config.downsample_factor  # f: image side / latent side
         self.size_multiple = self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.float32) -> "StableDiffusionPipeline":
-        """The course's text-to-image model (default) or another U-Net file with a card naming its VAE."""
+        """The course's text-to-image model (default) or another U-Net file with a card naming its VAE (and,
+        under ``schedule``, its ``prediction_type``; "epsilon" if absent)."""
         path = Path(path) if path is not None else asset_path("checkpoints", DEFAULT_MODEL)
         card = verify_card(path) or {}
         device = torch.device(device) if device is not None else get_device()
@@ -132,7 +149,8 @@ class StableDiffusionPipeline:
         max_length = card.get("text_encoder", {}).get("max_length", COURSE_MAX_LENGTH)
         unet = UNet.from_pretrained(path, device).to(dtype)
         vae = AutoencoderKL.from_pretrained(vae_path, device).to(dtype)
-        return cls(unet, vae, TextEncoder(max_length, device=device, dtype=dtype))
+        prediction_type = card.get("schedule", {}).get("prediction_type", "epsilon")
+        return cls(unet, vae, TextEncoder(max_length, device=device, dtype=dtype), prediction_type=prediction_type)
 
     @property
     def device(self) -> torch.device:
@@ -170,11 +188,12 @@ class StableDiffusionPipeline:
                  num_images_per_prompt: int = 1, generator: torch.Generator | None = None, sampler: str = "ddim",
                  eta: float = 0.0, output_type: str = "pil", callback: samplers.Callback | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 blend_noise: str = "fresh", progress: bool = True) -> PipelineOutput:
+                 blend_noise: str = "fresh", progress: bool = True, use_karras_sigmas: bool = False) -> PipelineOutput:
         """Generate: text-to-image; with ``image``, image-to-image (``strength``, default 0.8); with
         ``image`` and ``mask_image``, inpainting (``strength``, default 1). ``blend_noise`` = "fixed"
         reuses one noise for the known region at every step, as diffusers; "fresh" draws new noise each
-        step, as the BLD paper. ``prompt_embeds`` (and ``negative_prompt_embeds``) replace the prompts."""
+        step, as the BLD paper. ``prompt_embeds`` (and ``negative_prompt_embeds``) replace the prompts.
+        ``use_karras_sigmas``: Karras σ spacing for euler, euler_ancestral, heun, dpmpp_2m (WebUI "… Karras")."""
         strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
         self._check_call(prompt, prompt_embeds, strength, num_inference_steps, guidance_scale, num_images_per_prompt,
                          output_type, blend_noise, image, mask_image)
@@ -200,19 +219,22 @@ class StableDiffusionPipeline:
         shape = (batch, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         image_latents = self._encode(pixels, batch, generator) if pixels is not None else None
         noise = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)  # CPU draw: same on any device
-        timesteps = self.schedule.inference_timesteps(num_inference_steps, "leading", 1)  # SD's spacing
+        timesteps, sigmas = samplers.sampling_grid(self.schedule, sampler, num_inference_steps, "leading", 1,
+                                                   use_karras_sigmas)  # SD's spacing; checks the sampler's options
         start = img2img_start(num_inference_steps, strength) if image is not None else 0
         if start == num_inference_steps:  # strength ≈ 0: no step to take, the input comes back through the VAE
             return PipelineOutput(self._decode(image_latents, output_type))
         # img2img noises the image even at strength 1 (diffusers); text-to-image and inpainting at strength 1 start from noise
         pure_noise = image is None or (mask_image is not None and start == 0)
-        x = noise if pure_noise else self.schedule.add_noise(image_latents, noise, timesteps[start].expand(batch))
+        x = noise if pure_noise else noise_to_step(self.schedule, image_latents, noise, start, timesteps, sigmas, use_karras_sigmas)
         # 3. the sampler's loop; inpainting pastes the known region back after every step
         if mask_image is not None:
             mask = latent_mask(preprocess_mask(mask_image).to(self.device, self.dtype), shape[-2:])
-            callback = self._blend_callback(image_latents, mask, noise, timesteps, blend_noise, generator, callback)
+            callback = self._blend_callback(image_latents, mask, noise, (timesteps, sigmas, use_karras_sigmas), blend_noise,
+                                            generator, callback)
         latents = samplers.sample(model, x, self.schedule, sampler, num_inference_steps, generator=generator, eta=eta,
-                                  start_step=start, callback=callback, progress=progress)
+                                  start_step=start, callback=callback, progress=progress,
+                                  prediction_type=self.prediction_type, use_karras_sigmas=use_karras_sigmas)
         # 4. latents → pixels
         return PipelineOutput(self._decode(latents, output_type))
 
@@ -228,14 +250,15 @@ class StableDiffusionPipeline:
             return latents
         return postprocess(self.vae.decode(latents / self.vae.config.scaling_factor), output_type)
 
-    def _blend_callback(self, image_latents, mask, noise, timesteps, blend_noise, generator, user_callback):
-        """The sampler callback of inpainting: after step i, known region = image latents noised to timesteps[i + 1]."""
-        n = len(timesteps)
+    def _blend_callback(self, image_latents, mask, noise, grid, blend_noise, generator, user_callback):
+        """The sampler callback of inpainting: after step i, known region = image latents noised to step i + 1's level.
+        grid: (timesteps, sigmas, use_karras_sigmas), as ``noise_to_step`` takes them."""
+        n = len(grid[0])
 
         def blend(i: int, t: int, x: torch.Tensor) -> torch.Tensor:
             if i + 1 < n:
                 eps = noise if blend_noise == "fixed" else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-                known = self.schedule.add_noise(image_latents, eps, timesteps[i + 1].expand(x.shape[0]))
+                known = noise_to_step(self.schedule, image_latents, eps, i + 1, *grid)
             else:  # after the last step the known region is the clean input
                 known = image_latents
             x = blend_latents(x, known, mask)

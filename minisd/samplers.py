@@ -16,6 +16,7 @@ grid of integer timesteps for all six, ``NoiseSchedule.inference_timesteps``. Wh
 DPMSolverMultistep's own "leading" grid uses T // (n + 1); the σ-space schedulers' "linspace" keeps
 fractional t; and DDIMScheduler steps to t - T // n, off the grid for "trailing"/"linspace" when n
 does not divide T. We always step to the next grid point (identical for "leading", and when n | T).
+``prediction_type`` (x_0- and v-models: ``minisd.prediction``) and ``use_karras_sigmas`` (``minisd.sigmas``) too.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .prediction import check_prediction_type, to_epsilon
 from .schedules import NoiseSchedule
+from .sigmas import KARRAS_SAMPLERS, SIGMA_SPACE_SAMPLERS, inference_sigmas, init_noise_sigma, sampling_grid  # noqa: F401
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m")
-SIGMA_SPACE_SAMPLERS = ("euler", "euler_ancestral", "heun")  # their state is x̄ = x_t / √ᾱ_t
 SD_SET_ALPHA_TO_ONE = False  # SD v1 scheduler config: DDIM's last step lands on ᾱ_0, not on ᾱ = 1
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, …), t (B,) long) -> ε̂ (B, …)
@@ -228,25 +230,6 @@ def dpmpp_2m_step(
 # --- The loop -------------------------------------------------------------------------------------
 
 
-def inference_sigmas(schedule: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
-    """σ = √((1 - ᾱ_t) / ᾱ_t) at each inference timestep, then a final 0 (diffusers' "zero"): (n + 1,).
-
-    Computed with diffusers' float32 expression rather than taken from ``schedule.sigmas`` (= √(1 / SNR)),
-    which differs in the last bit for some t: this way the σ-space samplers match diffusers bit for bit.
-    """
-    alpha_bar = schedule.alphas_cumprod[timesteps]
-    return torch.cat([((1 - alpha_bar) / alpha_bar) ** 0.5, torch.zeros(1)])
-
-
-def init_noise_sigma(sigmas: torch.Tensor, timestep_spacing: str) -> torch.Tensor:
-    """How σ-space samplers scale unit noise to x̄_T, as diffusers' ``init_noise_sigma``.
-
-    "leading" starts at t < T-1, where ᾱ is not ≈ 0: unit noise read as x_t becomes x̄ = x_t √(σ² + 1);
-    "trailing" and "linspace" use σ_max (Karras' x̄_T ~ N(0, σ_max² I)), 0.2% smaller for SD.
-    """
-    return sigmas.max() if timestep_spacing in ("linspace", "trailing") else (sigmas.max() ** 2 + 1) ** 0.5
-
-
 def count_model_evaluations(sampler: str, num_inference_steps: int, start_step: int = 0) -> int:
     """Number of model calls (NFE) ``sample`` makes: one per step, Heun 2 per step except the last."""
     _check_choice("sampler", sampler, SAMPLERS)
@@ -264,15 +247,15 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _check_start_step(start_step: int, num_inference_steps: int) -> None:
     if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < num_inference_steps:
-        raise ValueError(
-            f"start_step must be an int in [0, {num_inference_steps - 1}] (num_inference_steps - 1), "
-            f"got {start_step!r}."
-        )
+        raise ValueError(f"start_step must be an int in [0, {num_inference_steps - 1}] (num_inference_steps - 1), "
+                         f"got {start_step!r}.")
 
 
-def _check_sample_args(name: str, x: torch.Tensor, sampler: str, eta: float, steps_offset: int, generator) -> None:
+def _check_sample_args(name: str, x: torch.Tensor, sampler: str, eta: float, steps_offset: int, generator,
+                       prediction_type: str) -> None:
     """ValueErrors, naming the argument, for what ``inference_timesteps`` does not check itself."""
     _check_choice("sampler", sampler, SAMPLERS)
+    check_prediction_type(prediction_type)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
         got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating-point tensor (B, C, H, W) (or any (B, …)), got {got}.")
@@ -288,8 +271,7 @@ def _check_sample_args(name: str, x: torch.Tensor, sampler: str, eta: float, ste
 
 
 def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """z ~ N(0, I) like ``like``, drawn on the CPU then moved, as diffusers' ``randn_tensor`` does with a
-    CPU generator: the same seed gives the same picture on every device."""
+    """z ~ N(0, I) like ``like``, drawn on the CPU then moved (diffusers' ``randn_tensor``): same seed, same picture anywhere."""
     return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
@@ -307,16 +289,19 @@ def sample(
     start_step: int = 0,
     callback: Callback | None = None,
     progress: bool = True,
+    prediction_type: str = "epsilon",
+    use_karras_sigmas: bool = False,
 ) -> torch.Tensor:
     """Run ``sampler`` from x_T down to x_0 in ``num_inference_steps`` steps; returns x_0, (B, C, H, W)
     (for ``ddim`` with SD's config, the sample at ᾱ_0 ≈ 0.999, as diffusers returns it).
 
     Args:
-        model: ε̂ = model(x_t, t), x_t (B, C, H, W) on the DDPM scale, t a (B,) long tensor.
+        model: model(x_t, t), x_t (B, C, H, W) on the DDPM scale, t a (B,) long tensor; returns ε̂, x0_pred or v̂ per
+            ``prediction_type`` (``prediction.to_epsilon`` converts, with ᾱ_t for ddpm/ddim, else 1 / (σ_i² + 1)).
         x_T: unit-variance noise N(0, I), (B, C, H, W); σ-space samplers scale it by ``init_noise_sigma``.
-            With ``start_step = k`` (img2img) pass instead x_t at t = timesteps[k] on the DDPM scale,
-            ``schedule.add_noise(x_0, noise, timesteps[k])`` with
-            ``timesteps = schedule.inference_timesteps(num_inference_steps, timestep_spacing, steps_offset)``.
+            With ``start_step = k`` (img2img) pass instead x_t at step k on the DDPM scale,
+            ``schedule.add_noise(x_0, noise, timesteps[k])`` with ``timesteps, sigmas = sampling_grid(…)``
+            (with Karras σ's: √ᾱ x_0 + √(1 - ᾱ) noise, ᾱ = 1 / (sigmas[k]² + 1)).
         sampler: one of ``SAMPLERS``. eta: DDIM's η (``sampler="ddim"`` only).
         generator: CPU generator for all noise drawn (ddpm, ddim with η > 0, euler_ancestral).
         timestep_spacing, steps_offset: the timesteps, as ``NoiseSchedule.inference_timesteps`` (SD: leading, 1).
@@ -326,27 +311,29 @@ def sample(
             **It may return a replacement for x**, on the same DDPM scale and at the same timestep
             (None keeps x): the sampler carries on from it, rescaled to its own coordinates. This is how
             inpainting pastes the re-noised known region back at every step (Blended Latent Diffusion).
-        progress: show a tqdm bar over the steps.
+        progress: show a tqdm bar. use_karras_sigmas: Karras et al.'s σ spacing (eq. 5, ρ = 7) for
+            ``KARRAS_SAMPLERS``, as diffusers' ``use_karras_sigmas=True`` (``sigmas.sampling_grid``).
     """
-    _check_sample_args("x_T", x_T, sampler, eta, steps_offset, generator)
-    timesteps = schedule.inference_timesteps(num_inference_steps, timestep_spacing, steps_offset)  # checks both
+    _check_sample_args("x_T", x_T, sampler, eta, steps_offset, generator, prediction_type)
+    timesteps, sigmas = sampling_grid(schedule, sampler, num_inference_steps, timestep_spacing, steps_offset, use_karras_sigmas)
     _check_start_step(start_step, num_inference_steps)
-    sigmas = inference_sigmas(schedule, timesteps)  # (n + 1,), float32 on the CPU like diffusers'
     sigma_space = sampler in SIGMA_SPACE_SAMPLERS
-    x = x_T
-    if sigma_space and start_step == 0:
-        x = x_T * init_noise_sigma(sigmas, timestep_spacing)
-    elif sigma_space:  # img2img: an x_t on the DDPM scale, x̄ = x_t / √ᾱ_t
-        x = x_T * (sigmas[start_step] ** 2 + 1) ** 0.5
+    # ᾱ per step for to_epsilon, as the step's formulas use it: ᾱ_t, or 1 / (σ_i² + 1) in float64 (keeps √(1 - ᾱ) exact)
+    alpha_bars = schedule.alphas_cumprod[timesteps] if sampler in ("ddpm", "ddim") else 1 / (sigmas[:-1].double() ** 2 + 1)
+    x = x_T  # σ-space: unit noise times init_noise_sigma, or img2img's x_t (DDPM scale) as x̄ = x_t √(σ² + 1)
+    if sigma_space:
+        x = x_T * (init_noise_sigma(sigmas, timestep_spacing) if start_step == 0 else (sigmas[start_step] ** 2 + 1) ** 0.5)
 
     def eps_at(x_in: torch.Tensor, i: int) -> torch.Tensor:
-        """ε̂ at timesteps[i]; σ-space inputs go back to the DDPM scale (diffusers' ``scale_model_input``)."""
+        """ε̂ at step i; σ-space inputs go back to the DDPM scale (diffusers' ``scale_model_input``)."""
         t = torch.full((x_in.shape[0],), int(timesteps[i]), dtype=torch.long, device=x_in.device)
-        eps_pred = model(x_in / (sigmas[i] ** 2 + 1) ** 0.5 if sigma_space else x_in, t)
-        if eps_pred.shape != x_in.shape:
-            got = tuple(eps_pred.shape)
-            raise ValueError(f"model must return ε̂ with the shape of x_t {tuple(x_in.shape)}, got {got}.")
-        return eps_pred
+        x_t = x_in / (sigmas[i] ** 2 + 1) ** 0.5 if sigma_space else x_in
+        model_output = model(x_t, t)
+        if model_output.shape != x_in.shape:
+            got = tuple(model_output.shape)
+            raise ValueError(f"model must return ε̂ with the shape of x_t {tuple(x_in.shape)} (or x0_pred, v̂: "
+                             f"prediction_type={prediction_type!r}), got {got}.")
+        return to_epsilon(model_output, x_t, alpha_bars[i], prediction_type)
 
     x0_pred_prev = None  # DPM-Solver++(2M)'s memory of the previous step
     for i in tqdm(range(start_step, num_inference_steps), desc=sampler, disable=not progress):
@@ -388,22 +375,26 @@ def _apply_callback(callback: Callback, i: int, t: int, x: torch.Tensor, sigma_s
 def ddim_invert(
     model: Model, x0: torch.Tensor, schedule: NoiseSchedule, num_inference_steps: int = 50,
     timestep_spacing: str = "leading", steps_offset: int = 1, callback: Callback | None = None, progress: bool = True,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """DDIM inversion: run the η = 0 ODE of eq. 12 forwards, x_0 -> x_T, on the timesteps ``sample`` visits.
 
     Each step moves from timestep s to the next larger t with ``ddim_step(…, s, t)`` and ε̂ = model(x_s, t):
     the model is evaluated at the target t, approximating ε̂(x_t, t) by ε̂(x_s, t), as diffusers'
     ``DDIMInverseScheduler`` does. ``sample(model, x_T, …, sampler="ddim")`` with the same settings
-    then reconstructs x0 up to that approximation. x0: (B, C, H, W), images in [-1, 1] or latents.
+    then reconstructs x0 up to that approximation. x0: (B, C, H, W), images in [-1, 1] or latents. An x_0- or
+    v-model's output is converted with ᾱ_s, the level x_s is at (as ``DDIMInverseScheduler``).
     """
-    _check_sample_args("x0", x0, "ddim", 0.0, steps_offset, None)
+    _check_sample_args("x0", x0, "ddim", 0.0, steps_offset, None, prediction_type)
+    final_alpha_bar = 1.0 if SD_SET_ALPHA_TO_ONE else schedule.alphas_cumprod[0]  # ddim_step's default
     timesteps = schedule.inference_timesteps(num_inference_steps, timestep_spacing, steps_offset)
     levels = [-1] + timesteps.flip(0).tolist()  # -1 = x0 itself, at DDIM's final ᾱ (SD: ᾱ_0)
     x = x0
     for i in tqdm(range(num_inference_steps), desc="ddim_invert", disable=not progress):
         s, t = levels[i], levels[i + 1]
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x = ddim_step(schedule, model(x, t_batch), x, s, t)
+        eps_pred = to_epsilon(model(x, t_batch), x, _alpha_bar(schedule, s, final_alpha_bar), prediction_type)
+        x = ddim_step(schedule, eps_pred, x, s, t)
         if callback is not None:
             callback(i, t, x)
     return x

@@ -7,6 +7,7 @@ Notation (DDPM, Ho et al. 2020; code index ``t`` runs 0 … T-1, the paper's t r
 * ᾱ_t  ``alphas_cumprod`` = ∏_{s≤t} α_s, so that q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I), eq. (4)
 * SNR(t) ``snr`` = ᾱ_t / (1 - ᾱ_t), the signal-to-noise ratio (Kingma et al. 2021)
 * σ_t  ``sigmas`` = √((1 - ᾱ_t) / ᾱ_t), the noise level of x_t / √ᾱ_t (Karras et al. 2022); σ² = 1/SNR.
+  ``NoiseSchedule.sigma_to_timestep`` maps any σ back to a (fractional) training timestep.
 
 DDIM's paper writes α_t for DDPM's ᾱ_t: we always spell ᾱ ``alpha_bar`` / ``alphas_cumprod``.
 Betas are built in float32 exactly as diffusers' schedulers build them, so ours equal theirs.
@@ -154,3 +155,19 @@ class NoiseSchedule:
         else:
             raise ValueError(f"timestep_spacing={timestep_spacing!r} is unknown; use one of {TIMESTEP_SPACINGS}.")
         return self.check_timesteps(torch.from_numpy(steps.copy()))
+
+    def sigma_to_timestep(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The fractional training timestep t at which σ(t) = σ, for each σ: log σ interpolated linearly between
+        neighbouring training timesteps (diffusers' ``_sigma_to_t``, k-diffusion's ``sigma_to_t``), clamped to
+        [0, T-1]. σ = 0 maps to 0. Computed as diffusers does (float32 log σ table, float64 arithmetic).
+
+        Args:
+            sigmas: σ-space noise levels, any shape. Returns: t of the same shape, float64.
+        """
+        alpha_bar = self.alphas_cumprod
+        log_sigmas = np.log((((1 - alpha_bar) / alpha_bar) ** 0.5).numpy())  # (T,) float32, increasing in t
+        log_sigma = np.log(np.maximum(torch.as_tensor(sigmas, dtype=torch.float64).numpy(), 1e-10))
+        low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+        high = low + 1  # the last timestep with log σ_t ≤ log σ, and the next one
+        w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+        return torch.from_numpy((1 - w) * low + w * high)

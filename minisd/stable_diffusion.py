@@ -9,6 +9,10 @@ Three sources load into the same ``StableDiffusionPipeline``:
 * a file minisd wrote itself with ``save_single_file`` (e.g. the course model in SD's layout): the
   same CompVis keys, plus the configs in the header, since the course model is not SD's shape.
 
+What the U-Net predicts (``prediction_type``: ε for SD v1.x, v for SD 2.x 768-v) is not in its weights: a
+diffusers folder says it in ``scheduler/scheduler_config.json`` (with the noise schedule), minisd's own files in
+their header; for an original single file (whose YAML says ``parameterization: "v"``) pass it.
+
 Nothing here downloads. ``MINISD_SD_WEIGHTS`` may point at a file or folder you have.
 """
 
@@ -25,6 +29,8 @@ from .checkpoints import read_metadata, read_tensors, save_tensors
 from .nn.unet import UNet, UNetConfig
 from .nn.vae import AutoencoderConfig, AutoencoderKL
 from .pipeline import StableDiffusionPipeline
+from .prediction import check_prediction_type
+from .schedules import NoiseSchedule
 from .text import SD_MAX_LENGTH, CLIPTokenizer, TextEncoder
 
 WEIGHTS_VARIABLE = "MINISD_SD_WEIGHTS"  # where lesson 13 looks for real weights
@@ -91,6 +97,21 @@ def vae_config_from_diffusers(d: dict) -> AutoencoderConfig:
                              sample_size=d.get("sample_size", 512), scaling_factor=d.get("scaling_factor", 0.18215))
 
 
+def scheduler_from_diffusers(d: dict) -> tuple[NoiseSchedule, str]:
+    """A diffusers ``scheduler/scheduler_config.json`` as (the training noise schedule, its ``prediction_type``).
+
+    Missing keys take diffusers' scheduler defaults (DDPM's linear betas, "epsilon"); SD's configs set them all.
+    A ValueError for what ``NoiseSchedule`` cannot build (explicit ``trained_betas``, zero-terminal-SNR rescaling).
+    """
+    unsupported = {k: d[k] for k in ("trained_betas", "rescale_betas_zero_snr") if d.get(k)}
+    if unsupported:
+        raise ValueError(f"scheduler config uses {unsupported}: minisd's NoiseSchedule builds betas from "
+                         "num_train_timesteps, beta_start, beta_end and beta_schedule only.")
+    schedule = NoiseSchedule(d.get("num_train_timesteps", 1000), d.get("beta_start", 0.0001), d.get("beta_end", 0.02),
+                             d.get("beta_schedule", "linear"))
+    return schedule, check_prediction_type(d.get("prediction_type", "epsilon"))
+
+
 def _build(cls, config, state: dict[str, torch.Tensor], device, dtype):
     with torch.device("meta"):
         model = cls(config)
@@ -100,12 +121,16 @@ def _build(cls, config, state: dict[str, torch.Tensor], device, dtype):
 
 def load_stable_diffusion(path: str | Path | None = None, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32, unet_config: UNetConfig | None = None,
-                          vae_config: AutoencoderConfig | None = None, text_config: dict | None = None
-                          ) -> StableDiffusionPipeline:
+                          vae_config: AutoencoderConfig | None = None, text_config: dict | None = None,
+                          prediction_type: str | None = None) -> StableDiffusionPipeline:
     """SD v1.x from a single file or a diffusers folder (default: ``$MINISD_SD_WEIGHTS``) as a minisd pipeline.
 
     A single file's configs come from its header (files minisd wrote), else the arguments, else SD v1.5's.
+    ``prediction_type`` ("epsilon", "sample", "v_prediction") overrides what the folder's scheduler config or
+    the file's header says; without either it is "epsilon" (SD v1.x).
     """
+    if prediction_type is not None:
+        check_prediction_type(prediction_type)
     raw = str(path) if path is not None else os.environ.get(WEIGHTS_VARIABLE, "")
     path = Path(raw)
     if not raw or not path.exists():  # Path("") is ".", which exists: test the string
@@ -113,7 +138,7 @@ def load_stable_diffusion(path: str | Path | None = None, device: str | torch.de
                                 "v1-5-pruned-emaonly.safetensors, or the diffusers folder stable-diffusion-v1-5) "
                                 f"and set {WEIGHTS_VARIABLE} to its path.")
     if path.is_dir():
-        return _load_diffusers_folder(path, device, dtype)
+        return _load_diffusers_folder(path, device, dtype, prediction_type)
     state = convert.read_single_file(path)
     header = read_metadata(path) if path.suffix == ".safetensors" else {}
     if "unet_config" in header:
@@ -127,10 +152,11 @@ def load_stable_diffusion(path: str | Path | None = None, device: str | torch.de
     else:
         clip = convert.load_text_encoder(clip_text_model(text_config), convert.text_encoder_from_compvis(state))
         text_encoder = CLIPTextEncoder(clip.to(device=device, dtype=dtype))
-    return StableDiffusionPipeline(unet, vae, text_encoder)
+    return StableDiffusionPipeline(unet, vae, text_encoder,
+                                   prediction_type=prediction_type or header.get("prediction_type", "epsilon"))
 
 
-def _load_diffusers_folder(path: Path, device, dtype) -> StableDiffusionPipeline:
+def _load_diffusers_folder(path: Path, device, dtype, prediction_type: str | None) -> StableDiffusionPipeline:
     def part(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
         folder = path / name
         files = sorted(folder.glob("*.safetensors"))
@@ -150,16 +176,21 @@ def _load_diffusers_folder(path: Path, device, dtype) -> StableDiffusionPipeline
     config = {k: text_json[k] for k in SD_V1_TEXT_CONFIG if k in text_json}
     text_state = {k.removeprefix("text_model."): v for k, v in text_state.items() if not k.endswith("position_ids")}
     clip = convert.load_text_encoder(clip_text_model(config), text_state)
-    return StableDiffusionPipeline(unet, vae, CLIPTextEncoder(clip.to(device=device, dtype=dtype)))
+    scheduler_json = path / "scheduler" / "scheduler_config.json"  # SD 2.x 768-v: "prediction_type": "v_prediction"
+    schedule, folder_prediction_type = scheduler_from_diffusers(json.loads(scheduler_json.read_text())) \
+        if scheduler_json.exists() else (None, "epsilon")
+    return StableDiffusionPipeline(unet, vae, CLIPTextEncoder(clip.to(device=device, dtype=dtype)), schedule,
+                                   prediction_type or folder_prediction_type)
 
 
 def save_single_file(pipe: StableDiffusionPipeline, path: str | Path) -> None:
     """Write a pipeline's U-Net and VAE (and CLIP, if it has one) in SD's single-file layout, as safetensors.
 
-    The header records the configs and, for the course's MiniLM encoder, which encoder to rebuild, so that
+    The header records the configs, the ``prediction_type`` and, for the course's MiniLM encoder, which encoder to rebuild, so that
     ``load_stable_diffusion`` reads the course model back; real SD tools read the same keys.
     """
-    text_state, header = None, {"unet_config": pipe.unet.config.to_dict(), "vae_config": pipe.vae.config.to_dict()}
+    text_state, header = None, {"unet_config": pipe.unet.config.to_dict(), "vae_config": pipe.vae.config.to_dict(),
+                                "prediction_type": pipe.prediction_type}
     if isinstance(pipe.text_encoder, CLIPTextEncoder):
         text_state = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.model.state_dict().items()}
     else:

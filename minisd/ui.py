@@ -34,7 +34,9 @@ WEBUI_PARAMETERS = (
     ("Negative prompt", "`negative_prompt`", "takes the place of \"\" in the unconditional half of CFG"),
     ("Sampling steps", "`num_inference_steps`", "denoising steps; leading spacing, offset 1 (SD v1's scheduler)"),
     ("Sampling method", "`sampler`", "DDIM, Euler, Euler a, DPM++ 2M, Heun, DDPM: `ddim`, `euler`, `euler_ancestral`, "
-     "`dpmpp_2m`, `heun`, `ddpm` (the WebUI's \"Karras\" variants change the σ spacing: not here)"),
+     "`dpmpp_2m`, `heun`, `ddpm`"),
+    ("Schedule type: Karras (older WebUIs: \"DPM++ 2M Karras\")", "`use_karras_sigmas=True`", "Karras et al.'s σ spacing (eq. 5, ρ = 7) for "
+     "`euler`, `euler_ancestral`, `heun`, `dpmpp_2m`; DPM++ 2M Karras = `sampler=\"dpmpp_2m\", use_karras_sigmas=True`"),
     ("CFG Scale", "`guidance_scale`", "w in ε_u + w (ε_c − ε_u); 1 = no guidance (one U-Net call), WebUI default 7"),
     ("Seed", "`generator=torch.Generator().manual_seed(seed)`", "the same seed, same image; −1 draws a random seed"),
     ("Width / Height", "`width` / `height`", "pixels, multiples of 16 here (8 in SD); the model was trained at 32×32"),
@@ -72,7 +74,7 @@ class PromptUI:
     """Widgets for one text-to-image call of ``pipe`` (a ``StableDiffusionPipeline``), and its result.
 
     The controls are attributes named after the pipeline's arguments (``prompt``, ``negative_prompt``,
-    ``num_inference_steps``, ``guidance_scale``, ``seed``, ``sampler``, ``width``, ``height``,
+    ``num_inference_steps``, ``guidance_scale``, ``seed``, ``sampler``, ``use_karras_sigmas``, ``width``, ``height``,
     ``num_images_per_prompt``); ``button`` generates, ``progress`` counts steps, ``image`` shows the
     result, ``status`` says what was drawn and how long it took. ``widget`` is the whole form.
     """
@@ -86,6 +88,7 @@ class PromptUI:
         self.negative_prompt = widgets.Text(negative_prompt, description="Negative prompt", style=style, layout=wide)
         self.num_inference_steps = widgets.IntSlider(num_inference_steps, min=1, max=150, description="Sampling steps", style=style)
         self.sampler = widgets.Dropdown(options=SAMPLERS, value=sampler, description="Sampling method", style=style)
+        self.use_karras_sigmas = widgets.Checkbox(False, description="Karras σ spacing", style=style)
         self.guidance_scale = widgets.FloatSlider(guidance_scale, min=0.0, max=20.0, step=0.5, description="CFG scale", style=style)
         self.seed = widgets.BoundedIntText(seed, min=-1, max=MAX_SEED, description="Seed (−1: random)", style=style)
         training_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -102,7 +105,7 @@ class PromptUI:
         self.last_kwargs: dict = {}  # the last call's arguments (what reached the pipeline)
         self.button.on_click(self.generate)
         controls = widgets.VBox([self.prompt, self.negative_prompt, self.num_inference_steps, self.sampler,
-                                 self.guidance_scale, self.seed, widgets.HBox([self.width, self.height]),
+                                 self.use_karras_sigmas, self.guidance_scale, self.seed, widgets.HBox([self.width, self.height]),
                                  self.num_images_per_prompt, self.button])
         self.widget = widgets.HBox([controls, widgets.VBox([self.image, self.progress, self.status])])
 
@@ -116,7 +119,8 @@ class PromptUI:
         seed = self.seed.value if self.seed.value >= 0 else random.SystemRandom().randint(0, MAX_SEED)
         return dict(prompt=self.prompt.value, negative_prompt=self.negative_prompt.value or None,
                     num_inference_steps=self.num_inference_steps.value, guidance_scale=self.guidance_scale.value,
-                    sampler=self.sampler.value, height=self.height.value, width=self.width.value,
+                    sampler=self.sampler.value, use_karras_sigmas=self.use_karras_sigmas.value,
+                    height=self.height.value, width=self.width.value,
                     num_images_per_prompt=self.num_images_per_prompt.value, seed=seed)
 
     def _step(self, i: int, t: int, x: torch.Tensor) -> None:
@@ -142,7 +146,8 @@ class PromptUI:
         self.last_kwargs = kwargs | {"seed": seed}
         self.images = images
         self.image.value = to_png(images)
-        self.status.value = (f"seed {seed} · {kwargs['sampler']}, {kwargs['num_inference_steps']} steps, "
+        karras = " Karras" if kwargs["use_karras_sigmas"] else ""
+        self.status.value = (f"seed {seed} · {kwargs['sampler']}{karras}, {kwargs['num_inference_steps']} steps, "
                              f"CFG {kwargs['guidance_scale']:g} · {kwargs['width']}×{kwargs['height']} · "
                              f"{time.perf_counter() - start:.1f} s")
         return images

@@ -37,8 +37,9 @@ def noise(seed: int = 0, shape=SHAPE) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def diffusers_scheduler(sampler: str, spacing: str):
-    """The diffusers scheduler for ``sampler`` with SD's config (clip_sample=False, set_alpha_to_one=False).
+def diffusers_scheduler(sampler: str, spacing: str, **extra):
+    """The diffusers scheduler for ``sampler`` with SD's config (clip_sample=False, set_alpha_to_one=False),
+    plus ``extra`` config (``prediction_type``, ``use_karras_sigmas``; tests/test_prediction.py, test_karras.py).
 
     diffusers is a test extra: a parity test that calls this skips without it; the others still run."""
     diffusers = pytest.importorskip("diffusers")
@@ -46,7 +47,7 @@ def diffusers_scheduler(sampler: str, spacing: str):
     DPMSolverMultistepScheduler = diffusers.DPMSolverMultistepScheduler
     EulerDiscreteScheduler, HeunDiscreteScheduler = diffusers.EulerDiscreteScheduler, diffusers.HeunDiscreteScheduler
     EulerAncestralDiscreteScheduler = diffusers.EulerAncestralDiscreteScheduler
-    config = dict(SD_CONFIG, timestep_spacing=spacing, steps_offset=1)
+    config = dict(SD_CONFIG, timestep_spacing=spacing, steps_offset=1, **extra)
     if sampler == "ddpm":
         return DDPMScheduler(**config, clip_sample=False)
     if sampler == "ddim":
@@ -60,7 +61,7 @@ def diffusers_scheduler(sampler: str, spacing: str):
 
 
 def set_timesteps(scheduler, sampler: str, n: int, spacing: str) -> None:
-    if sampler == "dpmpp_2m" and spacing == "leading":
+    if sampler == "dpmpp_2m" and spacing == "leading" and not scheduler.config.get("use_karras_sigmas"):
         # DPMSolverMultistep's own "leading" grid uses T // (n + 1) (901, 811, …, 91 for n = 10); we keep
         # one grid for all samplers, so hand it ours.
         scheduler.set_timesteps(timesteps=SCHEDULE.inference_timesteps(n, spacing, 1).tolist())
@@ -68,14 +69,17 @@ def set_timesteps(scheduler, sampler: str, n: int, spacing: str) -> None:
         scheduler.set_timesteps(n)
 
 
-def diffusers_trajectory(sampler, n, spacing, x_T, seed, eta=0.0):
-    """diffusers' sampling loop; returns the state after every full step, on the DDPM scale, and the NFE."""
-    scheduler = diffusers_scheduler(sampler, spacing)
-    set_timesteps(scheduler, sampler, n, spacing)
+def diffusers_trajectory(sampler, n, spacing, x_T, seed, eta=0.0, model=toy_model, scheduler=None, **extra):
+    """diffusers' sampling loop; returns the state after every full step, on the DDPM scale, and the NFE.
+    ``extra``: more scheduler config, as ``diffusers_scheduler``; ``model`` gets diffusers' t as it comes;
+    ``scheduler``: one already set up (its timesteps set) instead."""
+    if scheduler is None:
+        scheduler = diffusers_scheduler(sampler, spacing, **extra)
+        set_timesteps(scheduler, sampler, n, spacing)
     generator = torch.Generator().manual_seed(seed)
     x, states, nfe = x_T * scheduler.init_noise_sigma, [], 0
     for k, t in enumerate(scheduler.timesteps):
-        eps = toy_model(scheduler.scale_model_input(x, t), t)
+        eps = model(scheduler.scale_model_input(x, t), t)
         nfe += 1
         extra = dict(eta=eta) if sampler == "ddim" else {}
         if sampler in ("ddpm", "ddim", "euler_ancestral"):
@@ -90,11 +94,12 @@ def diffusers_trajectory(sampler, n, spacing, x_T, seed, eta=0.0):
     return states, nfe
 
 
-def our_trajectory(sampler, n, spacing, x_T, seed, eta=0.0):
+def our_trajectory(sampler, n, spacing, x_T, seed, eta=0.0, model=toy_model, **extra):
+    """``sample``'s states after every step (its callback), and its result; ``extra``: more ``sample`` arguments."""
     states = []
     out = sample(
-        toy_model, x_T, SCHEDULE, sampler, n, generator=torch.Generator().manual_seed(seed), eta=eta,
-        timestep_spacing=spacing, steps_offset=1, callback=lambda i, t, x: states.append(x), progress=False,
+        model, x_T, SCHEDULE, sampler, n, generator=torch.Generator().manual_seed(seed), eta=eta,
+        timestep_spacing=spacing, steps_offset=1, callback=lambda i, t, x: states.append(x), progress=False, **extra,
     )
     return states, out
 

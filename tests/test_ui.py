@@ -114,3 +114,20 @@ def test_to_png_enlarges_without_smoothing():
     im.putpixel((0, 0), (255, 0, 0))
     big = Image.open(io.BytesIO(to_png([im], height=8))).convert("RGB")
     assert big.size == (8, 8) and set(big.getdata()) == {(255, 0, 0), (0, 0, 0)}
+
+
+def test_the_karras_box_reaches_the_pipeline_and_bad_pairs_are_reported(pipe):
+    ui = PromptUI(pipe, num_inference_steps=3, sampler="dpmpp_2m")
+    assert ui.use_karras_sigmas.value is False
+    ui.button.click()
+    plain = bytes(ui.image.value)
+    assert pipe.calls[-1]["use_karras_sigmas"] is False and "dpmpp_2m," in ui.status.value
+    ui.use_karras_sigmas.value = True  # the WebUI's "DPM++ 2M Karras"
+    ui.button.click()
+    assert pipe.calls[-1]["use_karras_sigmas"] is True and "dpmpp_2m Karras" in ui.status.value
+    karras = bytes(ui.image.value)
+    assert karras != plain
+    ui.sampler.value = "ddim"  # DDIM steps between training timesteps: the pipeline refuses, the UI says why
+    assert ui.generate() == []
+    assert "use_karras_sigmas=True applies to samplers" in ui.status.value and bytes(ui.image.value) == karras
+    assert "| Schedule type: Karras" in webui_table() and "use_karras_sigmas=True" in webui_table()
