@@ -2,6 +2,9 @@
 
 import torch
 
+from minisd.nn import UNetConfig
+from minisd.nn.vae import AutoencoderConfig
+
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.2, norms_near_one: bool = False) -> torch.nn.Module:
     """Fill every parameter with seeded N(0, scale²) values: default inits leave biases and norms trivial,
@@ -13,3 +16,19 @@ def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.2, norms_
             shift = 1.0 if norms_near_one and "norm" in name and name.endswith("weight") else 0.0
             p.copy_(torch.randn(p.shape, generator=g) * scale + shift)
     return module.eval()
+
+
+# a tiny text-to-image pipeline's parts (tests of the pipeline's plumbing, not of a trained model)
+TINY_UNET = UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                  attention=(True, True), num_attention_heads=2, attention_head_dim=None, norm_num_groups=8,
+                  cross_attention_dim=12)
+TINY_VAE = AutoencoderConfig(block_out_channels=(16, 16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+                        scaling_factor=0.7)
+
+
+class HashEncoder:
+    """A stand-in text encoder: fixed random states per prompt, (B, 5, 12)."""
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return torch.stack([torch.randn(5, 12, generator=torch.Generator().manual_seed(sum(map(ord, p)) + 1))
+                            for p in prompts])

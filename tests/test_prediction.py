@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import randomize
+from helpers import TINY_UNET, TINY_VAE, HashEncoder, randomize
 from minisd import convert, prediction, stable_diffusion
 from minisd.nn import UNet, UNetConfig
 from minisd.nn.vae import AutoencoderConfig, AutoencoderKL
@@ -352,19 +352,7 @@ def test_diffusers_dpm_multistep_figures(prediction_type, result_mean):
 
 # --- the pipeline and the loader ---------------------------------------------------------------------------
 
-UNET = UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
-                  attention=(True, True), num_attention_heads=2, attention_head_dim=None, norm_num_groups=8,
-                  cross_attention_dim=12)
-VAE = AutoencoderConfig(block_out_channels=(16, 16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
-                        scaling_factor=0.7)
-
-
-class HashEncoder:
-    """A stand-in text encoder: fixed random states per prompt, (B, 5, 12)."""
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        return torch.stack([torch.randn(5, 12, generator=torch.Generator().manual_seed(sum(map(ord, p)) + 1))
-                            for p in prompts])
+UNET, VAE = TINY_UNET, TINY_VAE
 
 
 def tiny_pipe(prediction_type: str = "epsilon") -> StableDiffusionPipeline:

@@ -6,26 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from minisd.nn import UNet, UNetConfig
-from minisd.nn.vae import AutoencoderConfig, AutoencoderKL
+from helpers import TINY_UNET, TINY_VAE, HashEncoder
+
+from minisd.nn import UNet
+from minisd.nn.vae import AutoencoderKL
 from minisd.pipeline import StableDiffusionPipeline
 from minisd.ui import WEBUI_PARAMETERS, PromptUI, to_png, webui_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-UNET = UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
-                  attention=(True, True), num_attention_heads=2, attention_head_dim=None, norm_num_groups=8,
-                  cross_attention_dim=12)
-VAE = AutoencoderConfig(block_out_channels=(16, 16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
-                        scaling_factor=0.7)
-
-
-class HashEncoder:
-    """A stand-in text encoder: fixed random states per prompt, (B, 5, 12)."""
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        return torch.stack([torch.randn(5, 12, generator=torch.Generator().manual_seed(sum(map(ord, p)) + 1))
-                            for p in prompts])
+UNET, VAE = TINY_UNET, TINY_VAE
 
 
 class RecordingPipeline(StableDiffusionPipeline):
