@@ -15,8 +15,8 @@ import torch
 
 from helpers import TINY_UNET, TINY_VAE, HashEncoder, randomize
 from minisd import convert, prediction, stable_diffusion
-from minisd.nn import UNet, UNetConfig
-from minisd.nn.vae import AutoencoderConfig, AutoencoderKL
+from minisd.nn import UNet
+from minisd.nn.vae import AutoencoderKL
 from minisd.pipeline import StableDiffusionPipeline
 from minisd.prediction import PREDICTION_TYPES, to_epsilon, to_x0, training_target, v_target, wrap_model
 from minisd.samplers import (SAMPLERS, ddim_invert, ddim_step, dpm_x0_pred, dpmpp_2m_step, euler_ancestral_step,
