@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "num_parameters": ema.num_parameters,
         "kl_weight": args.kl_weight if args.kind == "kl" else None,
         "loss": (f"L1 + {args.kl_weight} * KL / pixels (minisd.nn.vae.kl_vae_loss)" if args.kind == "kl"
-                 else "L1 + VQ codebook + 0.25 * commitment (minisd.nn.vae.vq_loss)"),
+                 else "L1 + VQ codebook + 0.25 * commitment (minisd.nn.vq.vq_loss)"),
         "train_config": dataclasses.asdict(trainer.config),
         "dataset": {"function": "minisd.data.autoencoder_images", "n": args.num_images, "seed": args.seed,
                     "photo_fraction": 0.5, "held_out_photos": list(HELD_OUT_PHOTOS)},

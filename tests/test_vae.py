@@ -1,6 +1,8 @@
 """minisd.nn.vae: shapes, the Gaussian posterior's maths, VQ's straight-through gradient, losses,
 checkpoints, error messages, and parity with diffusers' AutoencoderKL and VQModel."""
 
+import re
+
 import pytest
 import torch
 
@@ -115,6 +117,14 @@ def test_vector_quantizer_picks_the_nearest_code_and_passes_gradients_straight_t
     torch.testing.assert_close(z.grad, torch.arange(6.0).reshape(1, 2, 1, 3))  # identity gradient
     squared = (z.detach() - z_q.detach()).pow(2).mean()
     assert loss.item() == pytest.approx((1 + 0.25) * squared.item(), rel=1e-5)
+
+
+def test_vector_quantizer_refuses_latents_of_the_wrong_shape():
+    vq = VectorQuantizer(num_embeddings=5, embedding_dim=2)
+    with pytest.raises(ValueError, match=re.escape("z must be (B, 2, h, w) (embedding_dim channels); got (1, 3, 4, 4)")):
+        vq(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="got \\(2, 4, 4\\)"):
+        vq(torch.zeros(2, 4, 4))
 
 
 def test_vq_loss_reports_codebook_usage_as_the_share_of_codes_used():

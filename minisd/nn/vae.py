@@ -298,11 +298,3 @@ def scaling_factor_from_latents(latents: torch.Tensor) -> float:
         raise ValueError("latents needs at least 2 numbers to measure a standard deviation.")
     return 1.0 / latents.float().std().item()
 
-
-def __getattr__(name: str):
-    """Until every notebook imports them from ``vq``: the VQ names moved to ``minisd.nn.vq``."""
-    if name in ("VQModel", "VectorQuantizer", "vq_loss"):
-        from . import vq
-
-        return getattr(vq, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,11 +15,14 @@ from .vae import AutoencoderBase, AutoencoderConfig, Decoder, Encoder
 
 
 class VectorQuantizer(nn.Module):
-    """Snap each latent vector to its nearest codebook entry (van den Oord et al. 2017, §3.1, eq. 1–3).
+    """Snap each latent vector to its nearest codebook entry (van den Oord et al. 2017, §3.1–3.2, eq. 1–3).
 
     Forward returns z_q with a straight-through gradient (the decoder's gradient is copied to the
     encoder as if quantisation were the identity) and the loss
         ‖sg[z_e] − e‖²  +  β ‖z_e − sg[e]‖²      (eq. 3: codebook term, then commitment term)
+    each squared norm averaged over all B·c·h·w values (``F.mse_loss``), so the loss does not grow
+    with the batch or the grid. sg = stop-gradient (``.detach()``): the codebook term moves only the
+    codebook, the commitment term only the encoder output. Lesson 05 writes this forward by hand.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, beta: float = 0.25) -> None:
@@ -29,12 +32,17 @@ class VectorQuantizer(nn.Module):
         self.embedding.weight.data.uniform_(-1.0 / num_embeddings, 1.0 / num_embeddings)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z (B, c, h, w) → (z_q (B, c, h, w), loss (), codes (B, h, w) int64)."""
+        """z_e (B, c, h, w) → (z_q (B, c, h, w), loss (), codes (B, h, w) int64 in [0, num_embeddings))."""
+        if z.ndim != 4 or z.shape[1] != self.embedding.embedding_dim:
+            raise ValueError(f"z must be (B, {self.embedding.embedding_dim}, h, w) (embedding_dim channels); "
+                             f"got {tuple(z.shape)}.")
         B, c, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # (B·h·w, c): one vector per latent position
-        codes = torch.cdist(flat, self.embedding.weight).argmin(dim=1)  # nearest entry (eq. 1)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # (B·h·w, c): row b·h·w + y·w + x = position (b, y, x)
+        codes = torch.cdist(flat, self.embedding.weight).argmin(dim=1)  # (B·h·w,) nearest entry (eq. 1)
         z_q = self.embedding(codes).reshape(B, h, w, c).permute(0, 3, 1, 2)  # (B, c, h, w)
-        loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
+        codebook_loss = F.mse_loss(z_q, z.detach())  # ‖sg[z_e] − e‖²: pulls the entries towards z_e
+        commitment_loss = F.mse_loss(z, z_q.detach())  # ‖z_e − sg[e]‖²: keeps z_e near its entries
+        loss = codebook_loss + self.beta * commitment_loss
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, backward is identity
         return z_q, loss, codes.reshape(B, h, w)
 
