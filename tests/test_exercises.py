@@ -322,3 +322,19 @@ def test_lessons_05_06_right_answers_pass_and_stubs_fall_back(check, answer, cap
 def test_lessons_05_06_common_slips_are_caught(check, slip, words):
     with pytest.raises(ExerciseError, match=words):
         check(slip)
+
+
+# ----------------------------------------------------------------------------- the shared machinery (core)
+
+
+def test_call_learner_passes_stubs_through_and_explains_other_errors():
+    from minisd.exercises.core import call_learner
+
+    with pytest.raises(NotImplementedError):
+        call_learner("f", stub, {}, "input one")
+    g = torch.Generator().manual_seed(0)
+    first = call_learner("f", lambda generator: torch.randn(2, generator=generator), {"generator": g}, "input one")
+    again = call_learner("f", lambda generator: torch.randn(2, generator=generator), {"generator": g}, "input one")
+    assert torch.equal(first, again)  # each call gets a fresh copy of the generator
+    with pytest.raises(ExerciseError, match=r"`f` raised ZeroDivisionError: division by zero\n  on input one, hint"):
+        call_learner("f", lambda: 1 / 0, {}, "input one", lambda error: ", hint")

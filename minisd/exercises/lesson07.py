@@ -12,29 +12,9 @@ from typing import Any, Callable
 import torch
 
 from .. import text
-from .core import Case, ExerciseError, compare, describe_inputs, randn
+from .core import Case, ExerciseError, check_parts, compare, randn
 
 __all__ = ["check_pad_and_truncate", "check_masked_mean", "check_cosine_similarity_matrix", "check_causal_mask"]
-
-
-def _check_parts(name: str, fn: Callable, reference: Callable, cases: list[Case],
-                 diagnose: Callable[[str, Case, Any, Any], None]) -> Callable:
-    """Like ``core.check``, but ``diagnose(where, case, expected, got)`` explains a wrong answer part by part."""
-    for case in cases:
-        expected = reference(**case.kwargs)
-        try:
-            got = fn(**case.kwargs)
-        except NotImplementedError:
-            print(f"📝 `{name}` is not written yet: using minisd's reference so the lesson can go on.")
-            return reference
-        except Exception as error:
-            raise ExerciseError(f"`{name}` raised {type(error).__name__}: {error}\n  on input {describe_inputs(case)}") from error
-        where = f"`{name}` on input {describe_inputs(case)}"
-        if got is None:
-            raise ExerciseError(f"{where} returned None: did you forget the `return`?")
-        diagnose(where, case, expected, got)
-    print(f"✅ `{name}` matches the reference on {len(cases)} inputs.")
-    return fn
 
 
 def _as_tensor(where: str, what: str, value: Any) -> torch.Tensor:
@@ -91,7 +71,7 @@ def check_pad_and_truncate(fn: Callable) -> Callable:
              Case({"token_ids": photo, "max_length": 7, **clip}, "exactly fits"),
              Case({"token_ids": photo * 3, "max_length": 9, **clip}, "too long: cut"),
              Case({"token_ids": [], "max_length": 4, **minilm}, "empty prompt")]
-    return _check_parts("pad_and_truncate", fn, text.pad_and_truncate, cases, _diagnose_framing)
+    return check_parts("pad_and_truncate", fn, text.pad_and_truncate, cases, _diagnose_framing)
 
 
 # ----------------------------------------------------------------------------- masked_mean
@@ -121,7 +101,7 @@ def check_masked_mean(fn: Callable) -> Callable:
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
     cases = [Case({"hidden_states": randn(3, 6, 4, seed=70), "attention_mask": mask}, "three prompts, 3-6 real tokens"),
              Case({"hidden_states": randn(2, 5, 8, seed=71) + 3, "attention_mask": mask[:2, :5].bool()}, "a bool mask")]
-    return _check_parts("masked_mean", fn, text.masked_mean, cases, _diagnose_mean)
+    return check_parts("masked_mean", fn, text.masked_mean, cases, _diagnose_mean)
 
 
 # ----------------------------------------------------------------------------- cosine similarity
@@ -147,7 +127,7 @@ def check_cosine_similarity_matrix(fn: Callable) -> Callable:
     """Check ``fn(embeddings)``: S_ij = cos(e_i, e_j), (N, D) -> (N, N)."""
     cases = [Case({"embeddings": randn(5, 16, seed=72) * torch.arange(1, 6)[:, None]}, "5 vectors of different lengths"),
              Case({"embeddings": randn(3, 384, seed=73) + 2}, "3 vectors, all pointing one way")]
-    return _check_parts("cosine_similarity_matrix", fn, text.cosine_similarity_matrix, cases, _diagnose_cosine)
+    return check_parts("cosine_similarity_matrix", fn, text.cosine_similarity_matrix, cases, _diagnose_cosine)
 
 
 # ----------------------------------------------------------------------------- causal mask
@@ -181,4 +161,4 @@ def _diagnose_causal(where: str, case: Case, expected: torch.Tensor, got: Any) -
 def check_causal_mask(fn: Callable) -> Callable:
     """Check ``fn(seq_len)``: (L, L) mask, True (or 0 in an additive mask) where key j <= query i."""
     cases = [Case({"seq_len": n}, f"L={n}") for n in (1, 4, 77)]
-    return _check_parts("causal_mask", fn, text.causal_mask, cases, _diagnose_causal)
+    return check_parts("causal_mask", fn, text.causal_mask, cases, _diagnose_causal)

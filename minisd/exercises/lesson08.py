@@ -19,47 +19,12 @@ from torch.nn import functional as F
 
 from ..nn.attention import Attention
 from ..nn.transformer import BasicTransformerBlock, Transformer2DModel
-from .core import ExerciseError, randn
+from .core import ExerciseError, ModuleRecorder, Slips, check_module, first_slip, randn
+from .core import close as _close
+from .core import module_case as _case
 
 __all__ = ["check_multi_head_attention", "check_transformer_block", "check_spatial_transformer",
            "reference_multi_head_attention"]
-
-TOL = 1e-5  # float32 answers computed in another order differ by ~1e-7 here
-Slips = list[tuple[torch.Tensor, str]]  # (what a slip gives, how to fix it)
-
-
-def _close(a: Any, b: torch.Tensor) -> bool:
-    return (isinstance(a, torch.Tensor) and a.shape == b.shape
-            and torch.allclose(a.detach().double(), b.double(), atol=TOL, rtol=TOL))
-
-
-class _Recorder:
-    """Hooks on every sub-module: ``calls`` = [[name, args, kwargs, output]] in call order.
-
-    Inputs are recorded before the call (a pre-hook), so that a call that fails is still seen.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.calls, self.handles = module, [], []
-
-    def __enter__(self) -> "_Recorder":
-        for name, module in self.module.named_modules():
-            def before(m, args, kwargs, name=name):
-                self.calls.append([name, args, kwargs, None])
-
-            def after(m, args, kwargs, out, name=name):
-                next(c for c in reversed(self.calls) if c[0] == name)[3] = out
-
-            self.handles += [module.register_forward_pre_hook(before, with_kwargs=True),
-                             module.register_forward_hook(after, with_kwargs=True)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def first(self, name: str) -> list | None:
-        return next((c for c in self.calls if c[0] == name), None)
 
 
 def _input_of(call: list) -> Any:
@@ -70,59 +35,6 @@ def _input_of(call: list) -> Any:
 def _context_of(call: list) -> Any:
     """The ``encoder_hidden_states`` a recorded call received (second argument or keyword), else None."""
     return call[1][1] if len(call[1]) > 1 else call[2].get("encoder_hidden_states")
-
-
-def _case(module: nn.Module, inputs: tuple, steps: Callable, seed: int) -> Callable[[], tuple]:
-    """A case builder: ``module`` with random weights (default inits leave norms trivial), its inputs,
-    and ``steps(module, *inputs)``, the reference intermediates and slips."""
-    def build() -> tuple:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            return module.eval(), inputs, steps(module, *inputs)
-    return build
-
-
-def _run(name: str, fn: Callable, reference: Callable, cases: list[tuple[str, Callable]], what: str,
-         calls: Callable, diagnose: Callable) -> Callable:
-    """Call ``fn`` on each case under hooks; ``calls(where, module, inputs, recorder)`` checks the recorded
-    sub-module calls (also when ``fn`` raised: a wrong call is often why), ``diagnose`` the results."""
-    for label, build in cases:
-        module, inputs, steps = build()
-        where = f"`{name}` on input {label}"
-        try:
-            with _Recorder(module) as recorder, torch.no_grad():
-                got = fn(module, *inputs)
-        except NotImplementedError:
-            print(f"📝 `{name}` is not written yet: using minisd's reference so the lesson can go on.")
-            return reference
-        except Exception as error:
-            calls(f"{where} raised {type(error).__name__}", module, inputs, recorder)
-            raise ExerciseError(f"`{name}` raised {type(error).__name__}: {error}\n  on input {label}") from error
-        if got is None:
-            raise ExerciseError(f"{where} returned None: did you forget the `return`?")
-        calls(where, module, inputs, recorder)
-        diagnose(where, module, inputs, steps, got, recorder)
-    print(f"✅ `{name}` matches {what} on {len(cases)} inputs.")
-    return fn
-
-
-def _first_slip(where: str, what: str, got: Any, expected: torch.Tensor, slips: Slips) -> None:
-    """Raise naming the first slip that ``got`` equals (and the reference does not); else compare values."""
-    if not isinstance(got, torch.Tensor):
-        raise ExerciseError(f"{where}: {what} is a {type(got).__name__}, expected a tensor.")
-    if _close(got, expected):
-        return
-    for wrong, hint in slips:
-        if _close(got, wrong) and not _close(wrong, expected):
-            raise ExerciseError(f"{where}: {what} is wrong: {hint}.")
-    if got.shape != expected.shape:
-        raise ExerciseError(f"{where}: {what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}.")
-    error = (got.detach().double() - expected.double()).abs()
-    i = tuple(int(j) for j in torch.unravel_index(error.argmax(), error.shape))
-    raise ExerciseError(f"{where}: {what} has the right shape but wrong values: largest difference "
-                        f"{error.max().item():.3g} at index {i} (expected {expected[i].item():.6g}, got {got[i].item():.6g}).")
 
 
 # ----------------------------------------------------------------------------- 1. multi-head attention
@@ -177,7 +89,7 @@ def _attention_steps(attn: Attention, x: torch.Tensor, context: torch.Tensor | N
             (out + x, "Attention itself adds no residual (the transformer block does): return to_out[0](…) alone")])}
 
 
-def _attention_calls(where: str, attn: Attention, inputs: tuple, rec: _Recorder) -> None:
+def _attention_calls(where: str, attn: Attention, inputs: tuple, rec: ModuleRecorder, error: Exception | None = None) -> None:
     """Q from the image tokens; K and V from the text (cross-attention) or the image (self-attention)."""
     x, context = inputs
     source = ("the text tokens, encoder_hidden_states (cross-attention)" if context is not None
@@ -189,7 +101,7 @@ def _attention_calls(where: str, attn: Attention, inputs: tuple, rec: _Recorder)
             raise ExerciseError(f"{where}: {name} was applied to the wrong tokens: {name[-1].upper()} comes from {comes_from}.")
 
 
-def _diagnose_attention(where: str, attn: Attention, inputs: tuple, steps: dict, got: Any, rec: _Recorder) -> None:
+def _diagnose_attention(where: str, attn: Attention, inputs: tuple, steps: dict, got: Any, rec: ModuleRecorder) -> None:
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise ExerciseError(f"{where} should return a pair (output, attention_probs), got {type(got).__name__}.")
     out, probs = got
@@ -210,11 +122,11 @@ def _diagnose_attention(where: str, attn: Attention, inputs: tuple, steps: dict,
                 "apply softmax(dim=-1) to the scores")
         raise ExerciseError(f"{where}: each pixel's weights over the L tokens must sum to 1 (attention_probs.sum(-1) == 1), "
                             f"got sums like {probs.sum(-1).flatten()[:3].tolist()}: {hint}.")
-    _first_slip(where, "attention_probs", probs, *steps["probs"])
+    first_slip(where, "attention_probs", probs, *steps["probs"])
     out_call = rec.first("to_out.0")
     if out_call is not None:
-        _first_slip(where, "the merge of the heads (the input of to_out[0])", _input_of(out_call), *steps["merged"])
-    _first_slip(where, "the output", out, *steps["out"])
+        first_slip(where, "the merge of the heads (the input of to_out[0])", _input_of(out_call), *steps["merged"])
+    first_slip(where, "the output", out, *steps["out"])
 
 
 def check_multi_head_attention(fn: Callable) -> Callable:
@@ -226,7 +138,7 @@ def check_multi_head_attention(fn: Callable) -> Callable:
     cases = [("cross-attention: 2 images of 12 pixels, C=32, 4 heads; 5 text tokens of width 24", case(80, 2, 12, 32, 4, 5, 24)),
              ("self-attention: 1 image of 9 pixels, C=32, 2 heads; encoder_hidden_states=None", case(81, 1, 9, 32, 2)),
              ("cross-attention: 3 images of 16 pixels, C=16, 2 heads; 7 text tokens of width 8", case(82, 3, 16, 16, 2, 7, 8))]
-    return _run("multi_head_attention", fn, reference_multi_head_attention, cases,
+    return check_module("multi_head_attention", fn, reference_multi_head_attention, cases,
                 "minisd's Attention and F.scaled_dot_product_attention (output and probabilities)",
                 _attention_calls, _diagnose_attention)
 
@@ -264,7 +176,7 @@ def _block_steps(block: BasicTransformerBlock, x: torch.Tensor, context: torch.T
     }
 
 
-def _block_calls(where: str, block: BasicTransformerBlock, inputs: tuple, rec: _Recorder) -> None:
+def _block_calls(where: str, block: BasicTransformerBlock, inputs: tuple, rec: ModuleRecorder, error: Exception | None = None) -> None:
     """attn1 sees no text; attn2 sees encoder_hidden_states."""
     attn1, attn2 = rec.first("attn1"), rec.first("attn2")
     if attn1 is not None and _context_of(attn1) is not None:
@@ -273,7 +185,7 @@ def _block_calls(where: str, block: BasicTransformerBlock, inputs: tuple, rec: _
         raise ExerciseError(f"{where}: attn2 is the cross-attention: pass it encoder_hidden_states as its second argument.")
 
 
-def _diagnose_block(where: str, block: BasicTransformerBlock, inputs: tuple, steps: dict, got: Any, rec: _Recorder) -> None:
+def _diagnose_block(where: str, block: BasicTransformerBlock, inputs: tuple, steps: dict, got: Any, rec: ModuleRecorder) -> None:
     roles = {"attn1": "the self-attention attn1", "attn2": "the cross-attention attn2", "ff": "the feed-forward ff"}
     for name, role in roles.items():
         if rec.first(name) is None:
@@ -283,8 +195,8 @@ def _diagnose_block(where: str, block: BasicTransformerBlock, inputs: tuple, ste
         raise ExerciseError(f"{where}: the sub-layers run in the order {', '.join(order)}; a transformer block runs "
                             "attn1 (pixels look at pixels), then attn2 (pixels look at the text), then ff.")
     for name in roles:
-        _first_slip(where, f"the input of {name}", _input_of(rec.first(name)), *steps[name])
-    _first_slip(where, "the output", got, *steps["out"])
+        first_slip(where, f"the input of {name}", _input_of(rec.first(name)), *steps[name])
+    first_slip(where, "the output", got, *steps["out"])
 
 
 def check_transformer_block(fn: Callable) -> Callable:
@@ -295,7 +207,7 @@ def check_transformer_block(fn: Callable) -> Callable:
 
     cases = [("2 images of 12 tokens, C=32, 4 heads; 5 text tokens of width 24", case(83, 2, 12, 32, 4, 5, 24)),
              ("1 image of 4 tokens, C=16, 2 heads; 3 text tokens of width 8", case(84, 1, 4, 16, 2, 3, 8))]
-    return _run("transformer_block", fn, lambda block, x, c: block(x, c), cases, "BasicTransformerBlock",
+    return check_module("transformer_block", fn, lambda block, x, c: block(x, c), cases, "BasicTransformerBlock",
                 _block_calls, _diagnose_block)
 
 
@@ -333,7 +245,7 @@ def _spatial_steps(model: Transformer2DModel, x: torch.Tensor, context: torch.Te
     }
 
 
-def _spatial_calls(where: str, model: Transformer2DModel, inputs: tuple, rec: _Recorder) -> None:
+def _spatial_calls(where: str, model: Transformer2DModel, inputs: tuple, rec: ModuleRecorder, error: Exception | None = None) -> None:
     """Every transformer block gets (B, H·W, C) tokens and the text states."""
     B, C, H, W = inputs[0].shape
     for call in (c for c in rec.calls if c[0].startswith("transformer_blocks.") and c[0].count(".") == 1):
@@ -346,20 +258,20 @@ def _spatial_calls(where: str, model: Transformer2DModel, inputs: tuple, rec: _R
             raise ExerciseError(f"{where}: pass encoder_hidden_states to every block: block(h, encoder_hidden_states).")
 
 
-def _diagnose_spatial(where: str, model: Transformer2DModel, inputs: tuple, steps: dict, got: Any, rec: _Recorder) -> None:
+def _diagnose_spatial(where: str, model: Transformer2DModel, inputs: tuple, steps: dict, got: Any, rec: ModuleRecorder) -> None:
     blocks = [rec.first(f"transformer_blocks.{i}") for i in range(len(model.transformer_blocks))]
     for i, call in enumerate(blocks):
         if call is None:
             hint = "loop over transformer.transformer_blocks" if i else "call each block on the tokens"
             raise ExerciseError(f"{where}: transformer block {i} of {len(blocks)} is never called: {hint}.")
-    _first_slip(where, "the token sequence given to the first transformer block", _input_of(blocks[0]), *steps["tokens"])
+    first_slip(where, "the token sequence given to the first transformer block", _input_of(blocks[0]), *steps["tokens"])
     for i in range(1, len(blocks)):
         if not _close(_input_of(blocks[i]), blocks[i - 1][3]):
             raise ExerciseError(f"{where}: transformer block {i} must read block {i - 1}'s output: h = block(h, …) in a loop.")
     proj_out = rec.first("proj_out")
     if proj_out is not None:
-        _first_slip(where, "the feature map given to proj_out", _input_of(proj_out), *steps["back"])
-    _first_slip(where, "the output", got, *steps["out"])
+        first_slip(where, "the feature map given to proj_out", _input_of(proj_out), *steps["back"])
+    first_slip(where, "the output", got, *steps["out"])
 
 
 def check_spatial_transformer(fn: Callable) -> Callable:
@@ -370,5 +282,5 @@ def check_spatial_transformer(fn: Callable) -> Callable:
 
     cases = [("2 feature maps 16×3×4 (H ≠ W), 1 block, 2 heads; 5 text tokens of width 24", case(85, 2, 3, 4, 2, 1, 5, 24)),
              ("1 feature map 16×2×5, 2 blocks, 4 heads; 3 text tokens of width 8", case(86, 1, 2, 5, 4, 2, 3, 8))]
-    return _run("spatial_transformer", fn, lambda model, x, c: model(x, c), cases, "Transformer2DModel",
+    return check_module("spatial_transformer", fn, lambda model, x, c: model(x, c), cases, "Transformer2DModel",
                 _spatial_calls, _diagnose_spatial)

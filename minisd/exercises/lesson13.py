@@ -26,7 +26,7 @@ from .. import convert
 from ..nn.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from ..nn.transformer import Transformer2DModel
 from ..nn.unet import UNet, UNetConfig
-from .core import Case, ExerciseError
+from .core import Case, ExerciseError, check_parts, not_written
 
 __all__ = ["check_unet_key_to_compvis", "check_count_unet_parameters", "check_latent_memory"]
 
@@ -38,21 +38,7 @@ COURSE_SHAPE = UNetConfig(in_channels=4, out_channels=4, sample_size=8, block_ou
 def _run(name: str, fn: Callable, reference: Callable, cases: list[Case],
          diagnose: Callable[[str, Case, Any, Any], None]) -> Callable:
     """``core.check`` with a part-by-part ``diagnose(where, case, expected, got)`` for wrong answers."""
-    for case in cases:
-        expected = reference(**case.kwargs)
-        try:
-            got = fn(**case.kwargs)
-        except NotImplementedError:
-            print(f"📝 `{name}` is not written yet: using minisd's reference so the lesson can go on.")
-            return reference
-        except Exception as error:
-            raise ExerciseError(f"`{name}` raised {type(error).__name__}: {error}\n  on {case.label}") from error
-        where = f"`{name}` on {case.label}"
-        if got is None:
-            raise ExerciseError(f"{where} returned None: did you forget the `return`?")
-        diagnose(where, case, expected, got)
-    print(f"✅ `{name}` matches the reference on {len(cases)} inputs.")
-    return fn
+    return check_parts(name, fn, reference, cases, diagnose, describe=lambda case: case.label)
 
 
 def _config_name(config: UNetConfig) -> str:
@@ -172,8 +158,7 @@ def check_unet_key_to_compvis(fn: Callable) -> Callable:
         try:
             counted.append(_diagnose_keys("unet_key_to_compvis", fn, config))
         except NotImplementedError:
-            print("📝 `unet_key_to_compvis` is not written yet: using minisd's reference so the lesson can go on.")
-            return reference
+            return not_written("unet_key_to_compvis", reference)
     print(f"✅ `unet_key_to_compvis` gives SD's name for all {counted[0]} keys of SD v1.5 and all {counted[1]} "
           "of the course's shape.")
     return fn
