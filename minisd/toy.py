@@ -155,14 +155,21 @@ class ToyEpsModel(nn.Module):
 def train_toy_model(
     model: nn.Module, mixture: GaussianMixture, schedule: NoiseSchedule, num_steps: int = 2000,
     batch_size: int = 512, learning_rate: float = 1e-2, seed: int = 0, progress: bool = True,
+    snr_gamma: float | None = None,
 ) -> list[float]:
     """Train ``model`` with DDPM's simple loss (Ho et al. 2020, eq. 14) on fresh samples of ``mixture``.
 
     Adam at ``learning_rate``, cosine-decayed to 0 over ``num_steps``; t uniform in [0, T-1].
-    Returns the loss of every step. The same seed gives the same model.
+    ``snr_gamma`` = γ weighs each sample's squared error by min(SNR_t, γ) / SNR_t, Min-SNR-γ for an
+    ε-model (Hang et al. 2023, §3.4; diffusers' ``--snr_gamma``, γ = 5 suggested): the low-noise
+    timesteps, whose ε is hard to read and matters little, count less. Returns the (weighted) loss of
+    every step. The same seed gives the same model.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int ≥ 1, got {num_steps!r}.")
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be > 0 (Hang et al. use 5), or None for the unweighted loss; got {snr_gamma!r}.")
+    snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)  # SNR_t = ᾱ_t / (1 - ᾱ_t), (T,)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_steps)
@@ -174,7 +181,12 @@ def train_toy_model(
         t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator)  # (B,)
         noise = torch.randn(batch_size, 2, generator=generator)  # ε
         x_t = schedule.add_noise(x0, noise, t)  # DDPM eq. 4
-        loss = nn.functional.mse_loss(model(x_t.to(device), t.to(device)), noise.to(device))
+        eps_pred = model(x_t.to(device), t.to(device))
+        if snr_gamma is None:
+            loss = nn.functional.mse_loss(eps_pred, noise.to(device))
+        else:  # per-sample squared error, weighted
+            weight = (snr[t].clamp(max=snr_gamma) / snr[t]).to(device)  # (B,)
+            loss = ((eps_pred - noise.to(device)).square().mean(dim=1) * weight).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -149,3 +149,34 @@ def test_bad_input_is_refused_with_the_argument_named():
         toy.exact_eps(torch.zeros(4, 2), 1000, toy.ring(), SCHEDULE)
     with pytest.raises(ValueError, match="num_steps"):
         toy.train_toy_model(toy.ToyEpsModel(), toy.ring(), SCHEDULE, num_steps=0)
+
+
+def test_min_snr_weighting_scales_each_samples_error_by_min_snr_gamma_over_snr():
+    """Min-SNR-γ (Hang et al. 2023): the first step's loss is the per-sample squared error weighted by
+    min(SNR_t, γ) / SNR_t; a γ above every SNR gives the plain loss; γ must be positive."""
+    schedule = NoiseSchedule.stable_diffusion()
+    mixture = toy.ring()
+
+    class Zero(torch.nn.Module):  # predicts ε̂ = 0: the error is ε², known from the seed's draws
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_t, t):
+            return self.w * x_t
+
+    g = torch.Generator().manual_seed(3)
+    mixture.sample(64, g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    noise = torch.randn(64, 2, generator=g)
+    snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+    weighted = toy.train_toy_model(Zero(), mixture, schedule, num_steps=1, batch_size=64, seed=3, progress=False,
+                                   snr_gamma=5.0)[0]
+    expected = (noise.square().mean(1) * snr.clamp(max=5.0) / snr).mean().item()
+    assert weighted == pytest.approx(expected, rel=1e-5)
+    plain = toy.train_toy_model(Zero(), mixture, schedule, num_steps=1, batch_size=64, seed=3, progress=False)[0]
+    huge = toy.train_toy_model(Zero(), mixture, schedule, num_steps=1, batch_size=64, seed=3, progress=False,
+                               snr_gamma=1e9)[0]
+    assert huge == pytest.approx(plain, rel=1e-6) and weighted < plain
+    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+        toy.train_toy_model(Zero(), mixture, schedule, num_steps=1, snr_gamma=0.0)
