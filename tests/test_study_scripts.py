@@ -2,6 +2,7 @@
 equal-compute budget, its KID and floors in the card, and its resumption."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ AE_F4 = ROOT / "assets" / "checkpoints" / "ae_f4.safetensors"
 
 def run(script: str, *args: str) -> str:
     result = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
