@@ -15,15 +15,10 @@ from typing import Any, Callable
 import torch
 
 from .. import pipeline
-from .core import Case, ExerciseError, compare, randn
+from .core import Case, ExerciseError, compare, not_written, randn
 
 __all__ = ["check_classifier_free_guidance", "check_encode_prompt", "check_mean_pairwise_distance",
            "mean_pairwise_distance", "RecordingUNet", "RecordingTextEncoder"]
-
-
-def _stub_fallback(name: str, reference: Callable) -> Callable:
-    print(f"📝 `{name}` is not written yet: using minisd's reference so the lesson can go on.")
-    return reference
 
 
 # ----------------------------------------------------------------------------- classifier-free guidance
@@ -171,7 +166,7 @@ def check_classifier_free_guidance(fn: Callable) -> Callable:
         try:
             got = fn(unet, cond, uncond, w)(x.clone(), t.clone())
         except NotImplementedError:
-            return _stub_fallback("classifier_free_guidance", pipeline.classifier_free_guidance)
+            return not_written("classifier_free_guidance", pipeline.classifier_free_guidance)
         except Exception as error:  # noqa: BLE001 - the calls it made may say why; else report the error
             failure = error
         notes |= _diagnose_calls(where, unet, x, t, cond, uncond, w)
@@ -300,7 +295,7 @@ def check_encode_prompt(fn: Callable) -> Callable:
         try:
             got = fn(encoder, **case.kwargs)
         except NotImplementedError:
-            return _stub_fallback("encode_prompt", _reference_encode_prompt)
+            return not_written("encode_prompt", _reference_encode_prompt)
         except Exception as error:
             raise ExerciseError(f"{where} raised {type(error).__name__}: {error}") from error
         if got is None:
@@ -363,7 +358,7 @@ def check_mean_pairwise_distance(fn: Callable) -> Callable:
         try:
             got = fn(case.kwargs["images"].clone())
         except NotImplementedError:
-            return _stub_fallback("mean_pairwise_distance", mean_pairwise_distance)
+            return not_written("mean_pairwise_distance", mean_pairwise_distance)
         except Exception as error:
             raise ExerciseError(f"{where} raised {type(error).__name__}: {error}") from error
         if got is None:
