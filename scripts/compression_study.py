@@ -1,6 +1,6 @@
-"""Lesson 06's study, end to end: autoencoders for f = 1…16 at equal size, then a latent diffusion model on each.
+"""Lesson 06's study, end to end: autoencoders for f = 2…16, then diffusion at equal compute for f = 1…16.
 
-    python scripts/compression_study.py --phase autoencoders   # ae_f1…ae_f16, equal steps and batch
+    python scripts/compression_study.py --phase autoencoders   # ae_f2…ae_f16, equal steps and batch
     python scripts/compression_study.py --phase ldm            # ldm_f1…ldm_f16, equal training compute
     python scripts/compression_study.py --phase ldm --only ldm_f4,ldm_f2   # some of them; rerun to resume
 
@@ -9,7 +9,8 @@ Each job is one process of ``scripts/train_autoencoder.py`` or ``scripts/train_l
 resumable checkpoint under ``--run-root`` and is started with ``--resume``, so running the same
 command again continues where it stopped. Autoencoders train for equal steps and batch, with a
 held-out reconstruction curve in their cards; LDMs train for equal compute (FLOPs counted by torch),
-scored at the same fractions of it. Each shipped checkpoint's card records the exact commands that
+scored at the same fractions of it. f = 1 is the paper's LDM-1: no autoencoder, diffusion on the
+pixels (``--autoencoder pixels``), so it has no autoencoder job. Each shipped checkpoint's card records the exact commands that
 made it and the device it ran on.
 """
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from minisd.nn.vae import AutoencoderConfig, AutoencoderKL  # noqa: E402
 
 FACTORS = (1, 2, 4, 8, 16)
+AUTOENCODER_FACTORS = FACTORS[1:]  # f = 1 is pixel space: nothing to train
 PARAMETER_BUDGET = 600_000  # each study autoencoder as close to this as widths in steps of 8 allow (563k–621k)
 CHECKPOINTS = Path("assets/checkpoints")
 
@@ -53,7 +55,7 @@ def autoencoder_jobs(args: argparse.Namespace) -> dict[str, list[str]]:
     curve shows whether it has flattened). The course VAE, vae_f4, is not retrained here: lessons 07–12
     and the text-to-image model are built on it."""
     jobs = {}
-    for f in FACTORS:
+    for f in AUTOENCODER_FACTORS:
         widths = ",".join(map(str, study_widths(f)))
         jobs[f"ae_f{f}"] = ["--block-out-channels", widths, "--layers-per-block", "1", "--norm-num-groups", "8",
                             "--steps", str(args.ae_steps), "--curve-every", str(max(1, args.ae_steps // 8)),
@@ -66,12 +68,14 @@ def autoencoder_jobs(args: argparse.Namespace) -> dict[str, list[str]]:
 def ldm_jobs(args: argparse.Namespace) -> dict[str, list[str]]:
     """name → arguments of scripts/train_latent_diffusion.py, one per f, all with the same training
     compute (``--ldm-tflops``: a cheap f takes more steps) and scored at the same fractions of it."""
-    return {f"ldm_f{f}": [sys.executable, "scripts/train_latent_diffusion.py", "--autoencoder",
-                          str(Path(args.export_dir) / f"ae_f{f}.safetensors"), "--train-tflops", str(args.ldm_tflops),
+    return {f"ldm_f{f}": [sys.executable, "scripts/train_latent_diffusion.py", "--name", f"ldm_f{f}", "--autoencoder",
+                          "pixels" if f == 1 else str(Path(args.export_dir) / f"ae_f{f}.safetensors"), "--train-tflops", str(args.ldm_tflops),
                           "--eval-fractions", "0.0625,0.125,0.25,0.5", "--batch-size", str(args.batch_size),
                           "--num-eval-samples", str(args.num_eval_samples), "--num-curve-samples",
                           str(args.num_curve_samples), "--fp16", "--run-dir", f"{args.run_root}/ldm_f{f}", "--resume",
-                          "--export", str(Path(args.export_dir) / f"ldm_f{f}.safetensors"), *args.extra] for f in FACTORS}
+                          "--export", str(Path(args.export_dir) / f"ldm_f{f}.safetensors"), *args.extra,
+                          *(["--max-minutes", str(args.ldm_max_minutes)] if args.ldm_max_minutes else [])]
+            for f in FACTORS}
 
 
 def run(jobs: dict[str, list[str]], parallel: int, logs: str) -> list[str]:
@@ -101,6 +105,8 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated job names (default: all of the phase)")
     p.add_argument("--ae-steps", type=int, default=1500, help="training steps of every study autoencoder")
     p.add_argument("--ldm-tflops", type=float, default=48.0, help="training compute of every LDM (TFLOP, equal for all f)")
+    p.add_argument("--ldm-max-minutes", type=float, default=None,
+                   help="stop an LDM early after this many minutes of training (its card says so and how far it got)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--parallel", type=int, default=1, help="jobs at a time")
     p.add_argument("--num-eval-samples", type=int, default=1000, help="samples scored at the end of each LDM")

@@ -32,7 +32,7 @@ from minisd.data import GlyphDataset  # noqa: E402
 from minisd.diffusion import ddpm_loss  # noqa: E402
 from minisd.metrics import glyph_fid, glyph_kid, load_glyph_classifier, recognisable  # noqa: E402
 from minisd.nn import UNet, UNetConfig  # noqa: E402
-from minisd.nn.vae import AutoencoderKL  # noqa: E402
+from minisd.nn.vae import AutoencoderKL, PixelSpace  # noqa: E402
 from minisd.samplers import sample  # noqa: E402
 from minisd.schedules import NoiseSchedule  # noqa: E402
 from minisd.checkpoints import read_metadata, save_model, sha256, write_card  # noqa: E402
@@ -56,7 +56,9 @@ def unet_config_for(latent_shape: tuple[int, int, int]) -> UNetConfig:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--autoencoder", required=True, help="an AutoencoderKL safetensors file (scaling factor in its header)")
+    p.add_argument("--autoencoder", required=True,
+                   help="an AutoencoderKL safetensors file (scaling factor in its header), or 'pixels': no autoencoder, "
+                        "diffusion on the pixels themselves (the paper's LDM-1, f = 1)")
     p.add_argument("--name", default=None, help="default: ldm_ + the autoencoder's name without 'ae_'")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--train-tflops", type=float, default=None,
@@ -86,8 +88,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def encode_all(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    device = next(vae.parameters()).device
+def encode_all(vae: AutoencoderKL | PixelSpace, images: torch.Tensor, device: str, batch_size: int = 500) -> torch.Tensor:
     return torch.cat([vae.encode_latents(x.to(device)).cpu() for x in images.split(batch_size)])
 
 
@@ -102,7 +103,7 @@ def train_flops_per_step(model: UNet, batch_size: int, latent_shape: tuple[int, 
 
 
 @torch.no_grad()
-def score(model: UNet, vae: AutoencoderKL, n: int, reference: torch.Tensor, classifier, device: str) -> dict:
+def score(model: UNet, vae: AutoencoderKL | PixelSpace, n: int, reference: torch.Tensor, classifier, device: str) -> dict:
     """Glyph-FID and KID against ``reference[:n]`` (equal sample counts: FID's bias depends on N) and the
     share of recognisable samples, for ``n`` DDIM-50 samples from fixed noise."""
     model.eval()
@@ -135,14 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPU only: TF32 matmuls and convs
     torch.backends.cudnn.benchmark = True
-    vae = AutoencoderKL.from_pretrained(args.autoencoder, device=args.device)
-    name = args.name or "ldm_" + Path(args.autoencoder).stem.removeprefix("ae_")
+    pixels = args.autoencoder == "pixels"
+    vae = PixelSpace().to(args.device) if pixels else AutoencoderKL.from_pretrained(args.autoencoder, device=args.device)
+    name = args.name or ("ldm_f1" if pixels else "ldm_" + Path(args.autoencoder).stem.removeprefix("ae_"))
     run_dir = Path(args.run_dir or f"runs/ldm/{name}")
     run_dir.mkdir(parents=True, exist_ok=True)
     command = "python scripts/train_latent_diffusion.py " + shlex.join(argv)
 
     t0 = time.time()
-    latents = encode_all(vae, GlyphDataset(args.num_images, seed=args.seed).images)  # (N, c, s, s), scaled
+    latents = encode_all(vae, GlyphDataset(args.num_images, seed=args.seed).images, args.device)  # (N, c, s, s), scaled
     reference = GlyphDataset(NUM_REFERENCE, seed=REFERENCE_SEED).images
     classifier = load_glyph_classifier(device=args.device)
     print(f"[{name}] encoded {len(latents)} glyphs to {tuple(latents.shape[1:])} in {time.time() - t0:.1f} s; "
@@ -205,10 +207,13 @@ def main(argv: list[str] | None = None) -> None:
                  dtype=torch.float16 if args.fp16 else None)
     card = {
         "name": path.stem,
-        "description": f"Unconditional latent diffusion (ε-prediction) on RGB glyph latents of {Path(args.autoencoder).name} "
-                       f"(f = {vae.config.downsample_factor}, latents {vae.config.latent_shape}); EMA weights of minisd.nn.UNet.",
-        "autoencoder": {"file": Path(args.autoencoder).name, "scaling_factor": vae.config.scaling_factor,
-                        "sha256": sha256(args.autoencoder)},
+        "description": ("Unconditional pixel-space diffusion (ε-prediction) on RGB glyphs, the paper's LDM-1 (f = 1, "
+                        f"no autoencoder); EMA weights of minisd.nn.UNet." if pixels else
+                        f"Unconditional latent diffusion (ε-prediction) on RGB glyph latents of {Path(args.autoencoder).name} "
+                        f"(f = {vae.config.downsample_factor}, latents {vae.config.latent_shape}); EMA weights of minisd.nn.UNet."),
+        "autoencoder": ({"file": None, "pixels": True, "scaling_factor": 1.0} if pixels else
+                        {"file": Path(args.autoencoder).name, "scaling_factor": vae.config.scaling_factor,
+                         "sha256": sha256(args.autoencoder)}),
         "model_config": ema.config.to_dict(),
         "num_parameters": ema.num_parameters,
         "schedule": {"num_train_timesteps": 1000, "beta_start": SCHEDULE.betas[0].item(), "beta_end": SCHEDULE.betas[-1].item(),

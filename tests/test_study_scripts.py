@@ -51,3 +51,15 @@ def test_ldm_trains_for_a_compute_budget_scores_kid_and_resumes(tmp_path):
     assert f"resumed at step {card['steps']}" in log
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["steps"] == card["steps"] and again["curve"] == card["curve"] and len(again["command"]) == 2
+
+
+def test_f1_is_pixel_space_diffusion(tmp_path):
+    out = tmp_path / "ldm_f1.safetensors"
+    run("train_latent_diffusion.py", "--autoencoder", "pixels", "--name", "ldm_f1", "--train-tflops", "0.01",
+        "--batch-size", "2", "--num-images", "16", "--num-eval-samples", "66", "--eval-fractions", "",
+        "--run-dir", str(tmp_path / "run"), "--export", str(out))
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["autoencoder"] == {"file": None, "pixels": True, "scaling_factor": 1.0}
+    config = card["model_config"]
+    assert (config["in_channels"], config["out_channels"], config["sample_size"]) == (3, 3, 32)  # the pixels themselves
+    assert card["steps"] == round(0.01e12 / card["train_flops_per_step"]) >= 1

@@ -244,3 +244,16 @@ def test_the_vae_runs_in_half_precision_on_the_cpu(dtype):
     assert out.dtype == dtype and posterior.sample(torch.Generator().manual_seed(0)).dtype == dtype
     assert torch.isfinite(out.float()).all()
     torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.1)  # bf16 keeps ~3 significant digits
+
+
+def test_pixel_space_is_the_identity_autoencoder_of_ldm_1():
+    from minisd.nn.vae import PixelSpace
+
+    pixels = PixelSpace()
+    assert pixels.config.downsample_factor == 1 and pixels.config.latent_shape == (3, 32, 32)
+    assert pixels.num_parameters == 0
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert torch.equal(pixels.reconstruct(x), x)
+    assert pixels.decode_latents(torch.full((1, 3, 32, 32), 3.0)).max() == 1.0  # clamped like every decoder's output
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
+        pixels.encode_latents(torch.zeros(1, 4, 32, 32))

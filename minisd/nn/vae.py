@@ -274,6 +274,44 @@ class AutoencoderKL(AutoencoderBase):
         return self.decode(latents / self.config.scaling_factor).clamp(-1.0, 1.0)
 
 
+class PixelSpace(nn.Module):
+    """No autoencoder at all: the "latents" are the pixels themselves, f = 1.
+
+    The LDM paper's LDM-1 (§4.1, Fig. 6) is exactly this, a diffusion model in pixel space, the
+    baseline every latent model is compared with. It has the helpers a latent diffusion model
+    needs (``config.latent_shape``, ``encode_latents``, ``decode_latents``, ``reconstruct``), so
+    ``scripts/train_latent_diffusion.py --autoencoder pixels`` trains lesson 03's kind of model
+    with lesson 06's recipe. Nothing is learned; ``reconstruct`` is exact.
+    """
+
+    def __init__(self, sample_size: int = 32, channels: int = 3) -> None:
+        super().__init__()
+        # one resolution level (f = 1), latent channels = image channels, latents = pixels (scale 1)
+        self.config = AutoencoderConfig(in_channels=channels, out_channels=channels, latent_channels=channels,
+                                        block_out_channels=(channels,), norm_num_groups=1, sample_size=sample_size)
+
+    @property
+    def num_parameters(self) -> int:
+        return 0
+
+    def _check(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        c, side, _ = self.config.latent_shape
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"{name} must be (B, {c}, H, W); got {tuple(x.shape)}.")
+        return x
+
+    def encode_latents(self, images: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The images, unchanged: pixels in [-1, 1] already have about unit scale."""
+        return self._check(images, "images")
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents clamped to [-1, 1], as every decoder's output is."""
+        return self._check(latents, "latents").clamp(-1.0, 1.0)
+
+    def reconstruct(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        return self.decode_latents(self.encode_latents(images))
+
+
 def kl_vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float = 1e-6,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """SD's autoencoder objective without its perceptual and GAN terms (LDM App. G):
