@@ -73,7 +73,7 @@ def forward_chain(
 
 def ddpm_loss(
     model: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None = None,
-    prediction_type: str = "epsilon",
+    prediction_type: str = "epsilon", snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """The simple ε-prediction loss of DDPM (Ho et al. 2020, eq. 14; Algorithm 1, Training):
 
@@ -89,11 +89,23 @@ def ddpm_loss(
         generator: draws t and ε, for reproducible training.
         prediction_type: what the model learns to output: "epsilon" (the loss above), "sample" (x_0) or
             "v_prediction" (v = √ᾱ_t ε − √(1 − ᾱ_t) x_0, Salimans & Ho 2022, as SD 2.x); same draws.
+        snr_gamma: γ of Min-SNR-γ weighting (Hang et al. 2023; γ = 5 is their default): each sample's
+            error is weighted by min(SNR_t, γ) / SNR_t for ε, min(SNR_t, γ) for x_0 and min(SNR_t, γ) /
+            (SNR_t + 1) for v, SNR_t = ᾱ_t / (1 − ᾱ_t). All three then weight the x_0 error by min(SNR_t, γ):
+            the nearly clean, easy timesteps stop dominating the gradient. None (default): unweighted, as DDPM.
     Returns:
         A scalar: the mean over batch and pixels.
     """
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise ValueError(f"snr_gamma={snr_gamma} must be > 0 (Hang et al. use 5), or None for no weighting.")
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # ε, (B, C, H, W)
     x_t = schedule.add_noise(x0, noise, t)
-    target = training_target(x0, noise, schedule.gather(schedule.alphas_cumprod, t, x0), prediction_type)  # ε for SD v1
-    return torch.nn.functional.mse_loss(model(x_t, t), target)
+    alpha_bar = schedule.gather(schedule.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
+    target = training_target(x0, noise, alpha_bar, prediction_type)  # ε for SD v1
+    if snr_gamma is None:
+        return torch.nn.functional.mse_loss(model(x_t, t), target)
+    snr = schedule.gather(schedule.snr, t, x0).flatten()  # SNR_t = ᾱ_t / (1 - ᾱ_t), (B,)
+    weight = snr.clamp(max=snr_gamma) / {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}[prediction_type]
+    per_sample = (model(x_t, t) - target).square().flatten(1).mean(1)  # (B,)
+    return (weight.to(per_sample.dtype) * per_sample).mean()

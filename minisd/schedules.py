@@ -148,6 +148,10 @@ class NoiseSchedule:
             raise ValueError(f"num_inference_steps must be an int in [1, {T}] (num_train_timesteps), got {n!r}.")
         if timestep_spacing == "leading":
             steps = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + steps_offset
+            if steps[0] > T - 1:  # e.g. all T steps with SD's offset of 1: the first would be t = T
+                raise ValueError(f"num_inference_steps={n} with timestep_spacing='leading' and steps_offset="
+                                 f"{steps_offset} starts at t = {steps[0]}, past the last training step {T - 1}: "
+                                 "use steps_offset=0, timestep_spacing='trailing', or fewer steps.")
         elif timestep_spacing == "trailing":
             steps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
         elif timestep_spacing == "linspace":

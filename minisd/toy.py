@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .diffusion import ddpm_loss
 from .nn.embeddings import timestep_embedding
 from .schedules import NoiseSchedule
 
@@ -169,7 +170,6 @@ def train_toy_model(
         raise ValueError(f"num_steps must be an int ≥ 1, got {num_steps!r}.")
     if snr_gamma is not None and not snr_gamma > 0:
         raise ValueError(f"snr_gamma must be > 0 (Hang et al. use 5), or None for the unweighted loss; got {snr_gamma!r}.")
-    snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)  # SNR_t = ᾱ_t / (1 - ᾱ_t), (T,)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_steps)
@@ -178,15 +178,7 @@ def train_toy_model(
     model.train()
     for _ in tqdm(range(num_steps), desc="toy model", disable=not progress):
         x0 = mixture.sample(batch_size, generator)  # (B, 2)
-        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator)  # (B,)
-        noise = torch.randn(batch_size, 2, generator=generator)  # ε
-        x_t = schedule.add_noise(x0, noise, t)  # DDPM eq. 4
-        eps_pred = model(x_t.to(device), t.to(device))
-        if snr_gamma is None:
-            loss = nn.functional.mse_loss(eps_pred, noise.to(device))
-        else:  # per-sample squared error, weighted
-            weight = (snr[t].clamp(max=snr_gamma) / snr[t]).to(device)  # (B,)
-            loss = ((eps_pred - noise.to(device)).square().mean(dim=1) * weight).mean()
+        loss = ddpm_loss(model, schedule, x0.to(device), generator, snr_gamma=snr_gamma)  # draws t, then ε
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

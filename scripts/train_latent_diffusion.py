@@ -68,6 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="Min-SNR-γ loss weighting (Hang et al. 2023; they use 5); default: unweighted L_simple")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=20_000, help="RGB glyphs to encode and train on")
     p.add_argument("--eval-at", default="", help="comma-separated steps at which to score the EMA model")
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = max(1, round(args.train_tflops * 1e12 / flops)) if args.train_tflops else args.steps
     config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          lr_schedule="constant", ema_decay=args.ema_decay, max_grad_norm=1.0, seed=args.seed)
-    trainer = Trainer(model, config, lambda m, z, g: ddpm_loss(m, SCHEDULE, z, g), latents)
+    trainer = Trainer(model, config, lambda m, z, g: ddpm_loss(m, SCHEDULE, z, g, snr_gamma=args.snr_gamma), latents)
     print(f"[{name}] {model.num_parameters:,} parameters, {model.config.block_out_channels}, "
           f"{flops / 1e9:.2f} GFLOP per training step: {steps} steps", flush=True)
     curve, train_seconds, commands, checkpoint = [], 0.0, [command], run_dir / CHECKPOINT_NAME
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         "schedule": {"num_train_timesteps": 1000, "beta_start": SCHEDULE.betas[0].item(), "beta_end": SCHEDULE.betas[-1].item(),
                      "beta_schedule": "scaled_linear", "prediction_type": "epsilon"},
         "train_config": dataclasses.asdict(config),
+        "loss": {"snr_gamma": args.snr_gamma,
+                 "kind": "L_simple (DDPM eq. 14)" if args.snr_gamma is None else f"Min-SNR-{args.snr_gamma:g} weighted ε MSE"},
         "dataset": {"class": "minisd.data.GlyphDataset", "n": args.num_images, "seed": args.seed, "difficulty": "easy"},
         "steps": trainer.step,
         "stopped_early": stopped_early,

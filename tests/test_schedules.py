@@ -59,8 +59,8 @@ def test_add_noise_matches_diffusers(config):
 def test_inference_timesteps_match_diffusers_ddim(spacing, num_inference_steps):
     if spacing == "leading" and num_inference_steps == 1000:
         # SD's steps_offset=1 would reach t = 1000, past the last timestep: we refuse, diffusers
-        # returns it (and fails later when it looks up ᾱ_1000).
-        with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        # returns it (and fails later when it looks up ᾱ_1000). The error says how to get all 1000.
+        with pytest.raises(ValueError, match=r"t = 1000, past the last training step 999: use steps_offset=0"):
             NoiseSchedule.stable_diffusion().inference_timesteps(1000, "leading", steps_offset=1)
         return
     sd = dict(beta_schedule="scaled_linear", beta_start=SD_BETA_START, beta_end=SD_BETA_END)

@@ -40,6 +40,7 @@ def test_ldm_trains_for_a_compute_budget_scores_kid_and_resumes(tmp_path):
     card = json.loads(out.with_suffix(".json").read_text())
     flops = card["train_flops_per_step"]
     assert card["steps"] == round(0.012e12 / flops) > 1, log
+    assert card["loss"]["snr_gamma"] is None  # L_simple unless asked
     assert [p["n"] for p in card["curve"]] == [70, 80]  # the intermediate point at half the compute, then the end
     assert card["curve"][-1]["train_flops"] == card["steps"] * flops
     for point in (card["curve"][-1], *card["floors"].values()):
@@ -57,8 +58,9 @@ def test_f1_is_pixel_space_diffusion(tmp_path):
     out = tmp_path / "ldm_f1.safetensors"
     run("train_latent_diffusion.py", "--autoencoder", "pixels", "--name", "ldm_f1", "--train-tflops", "0.01",
         "--batch-size", "2", "--num-images", "16", "--num-eval-samples", "66", "--eval-fractions", "",
-        "--run-dir", str(tmp_path / "run"), "--export", str(out))
+        "--snr-gamma", "5", "--run-dir", str(tmp_path / "run"), "--export", str(out))
     card = json.loads(out.with_suffix(".json").read_text())
+    assert card["loss"]["snr_gamma"] == 5.0 and "Min-SNR-5" in card["loss"]["kind"]
     assert card["autoencoder"] == {"file": None, "pixels": True, "scaling_factor": 1.0}
     config = card["model_config"]
     assert (config["in_channels"], config["out_channels"], config["sample_size"]) == (3, 3, 32)  # the pixels themselves

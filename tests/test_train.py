@@ -87,6 +87,44 @@ def test_ddpm_loss_is_zero_for_the_true_noise_and_one_for_predicting_zero():
     assert abs(ddpm_loss(Zero(), SCHEDULE, x0, g).item() - 1.0) < 0.05  # E‖ε‖² / D = 1
 
 
+def _x0_guesser(x0_of, prediction_type):
+    """A model whose guess of x_0 is ``x0_of(x_t)``, reported as ε, x_0 or v (DDPM eq. 4; Salimans & Ho App. D)."""
+    def model(x_t, t):
+        a, b = SCHEDULE.gather(SCHEDULE.sqrt_alphas_cumprod, t, x_t), SCHEDULE.gather(SCHEDULE.sqrt_one_minus_alphas_cumprod, t, x_t)
+        x0_hat = x0_of(x_t)
+        return {"epsilon": (x_t - a * x0_hat) / b, "sample": x0_hat, "v_prediction": (a * x_t - x0_hat) / b}[prediction_type]
+    return model
+
+
+@pytest.mark.parametrize("gamma", [0.5, 5.0])
+def test_min_snr_weighting_is_snr_gamma_times_the_x0_error_for_every_prediction_type(gamma):
+    # Hang et al. 2023: the three weightings are one and the same loss on x_0, min(SNR_t, γ) ‖x̂_0 - x_0‖²
+    x0 = glyph_like_data(64).double()
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, SCHEDULE.num_train_timesteps, (64,), generator=g)
+    x_t = SCHEDULE.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=x0.dtype), t)  # the draws ddpm_loss makes
+    alpha_bar = SCHEDULE.alphas_cumprod.double()[t]
+    snr = alpha_bar / (1 - alpha_bar)  # from ᾱ_t, not the schedule's stored SNR
+    x0_error = (0.5 * x_t - x0).square().flatten(1).mean(1)
+    expected = (snr.clamp(max=gamma) * x0_error).mean()
+    for prediction_type in ("epsilon", "sample", "v_prediction"):
+        got = ddpm_loss(_x0_guesser(lambda x: 0.5 * x, prediction_type), SCHEDULE, x0, torch.Generator().manual_seed(0),
+                        prediction_type=prediction_type, snr_gamma=gamma)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0, msg=lambda m: f"{prediction_type}: {m}")
+
+
+def test_min_snr_weighting_only_lowers_the_weight_of_nearly_clean_steps():
+    x0 = glyph_like_data(64).double()
+    model = _x0_guesser(lambda x: 0.5 * x, "epsilon")
+    plain = ddpm_loss(model, SCHEDULE, x0, torch.Generator().manual_seed(0))
+    # a γ above every SNR_t weights every step by 1: the plain loss, same draws
+    huge = ddpm_loss(model, SCHEDULE, x0, torch.Generator().manual_seed(0), snr_gamma=1e9)
+    torch.testing.assert_close(huge, plain, rtol=1e-12, atol=0)
+    assert ddpm_loss(model, SCHEDULE, x0, torch.Generator().manual_seed(0), snr_gamma=5.0) < plain
+    with pytest.raises(ValueError, match="snr_gamma=0"):
+        ddpm_loss(model, SCHEDULE, x0, snr_gamma=0)
+
+
 # ----------------------------------------------------------------------------- resume
 
 
