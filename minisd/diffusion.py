@@ -97,7 +97,7 @@ def ddpm_loss(
         A scalar: the mean over batch and pixels.
     """
     if snr_gamma is not None and not snr_gamma > 0:
-        raise ValueError(f"snr_gamma={snr_gamma} must be > 0 (Hang et al. use 5), or None for no weighting.")
+        raise ValueError(f"snr_gamma must be > 0 (Hang et al. use 5), or None for the unweighted loss; got snr_gamma={snr_gamma!r}.")
     t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # ε, (B, C, H, W)
     x_t = schedule.add_noise(x0, noise, t)

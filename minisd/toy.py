@@ -158,7 +158,7 @@ def train_toy_model(
     batch_size: int = 512, learning_rate: float = 1e-2, seed: int = 0, progress: bool = True,
     snr_gamma: float | None = None,
 ) -> list[float]:
-    """Train ``model`` with DDPM's simple loss (Ho et al. 2020, eq. 14) on fresh samples of ``mixture``.
+    """Train ``model`` with DDPM's simple loss (Ho et al. 2020, eq. 14; ``diffusion.ddpm_loss``) on fresh samples of ``mixture``.
 
     Adam at ``learning_rate``, cosine-decayed to 0 over ``num_steps``; t uniform in [0, T-1].
     ``snr_gamma`` = γ weighs each sample's squared error by min(SNR_t, γ) / SNR_t, Min-SNR-γ for an
@@ -168,8 +168,6 @@ def train_toy_model(
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int ≥ 1, got {num_steps!r}.")
-    if snr_gamma is not None and not snr_gamma > 0:
-        raise ValueError(f"snr_gamma must be > 0 (Hang et al. use 5), or None for the unweighted loss; got {snr_gamma!r}.")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=num_steps)
